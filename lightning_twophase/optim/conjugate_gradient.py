@@ -1,0 +1,678 @@
+"""Nonlinear conjugate gradient as a ``torch.optim.Optimizer`` that a Lightning Trainer can step.
+
+One iteration: evaluate the loss and gradient ``g`` at ``x``; form the direction ``d = -P g + beta d_prev`` (``P`` is an
+optional fixed diagonal preconditioner, the identity by default); search along ``d`` for a step ``t``; move to
+``x + t d``. The direction formula (``beta``), the line search and the restart rule are selectable.
+
+With a preconditioner every formula is the one of plain CG run on the rescaled variables ``u = P^(-1/2) x``, where
+the gradient is ``P^(1/2) g`` and inner products ``a . b`` become ``a . P b``: the iterates are the same.
+
+Memory: three parameter-sized buffers (the start point of the line search, the direction and the previous
+preconditioned gradient), plus the preconditioner when one is set. Updates use ``torch._foreach_*`` kernels, so
+there is no Python loop over elements, only over parameter tensors for dot products.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_twophase.optim import line_search as ls
+from lightning_twophase.optim.distributed import is_distributed, reduce_decision_scalars
+
+#: Canonical names of the direction-update (beta) formulas, with their short aliases.
+BETA_FORMULAS: dict[str, str] = {
+    "fletcher_reeves": "fletcher_reeves",
+    "fr": "fletcher_reeves",
+    "polak_ribiere": "polak_ribiere",
+    "pr": "polak_ribiere",
+    "polak_ribiere_plus": "polak_ribiere_plus",
+    "pr+": "polak_ribiere_plus",
+    "hestenes_stiefel": "hestenes_stiefel",
+    "hs": "hestenes_stiefel",
+    "dai_yuan": "dai_yuan",
+    "dy": "dai_yuan",
+    "hager_zhang": "hager_zhang",
+    "hz": "hager_zhang",
+}
+
+#: The line searches; ``strong_wolfe`` evaluates gradients at trial points, the others only values.
+LINE_SEARCHES: tuple[str, ...] = ("strong_wolfe", "armijo", "golden", "brent")
+VALUE_ONLY_LINE_SEARCHES: frozenset[str] = frozenset({"armijo", "golden", "brent"})
+
+_DEFAULT_MAX_EVALS = {"strong_wolfe": 25, "armijo": 20, "golden": 40, "brent": 20}
+# Hager and Zhang's lower bound on beta: max(beta, -1 / (|d| min(eta, |g_prev|))).
+_HAGER_ZHANG_ETA = 0.01
+# Restart when the new direction's slope is not below this fraction of steepest descent's.
+_SUFFICIENT_DESCENT = 1e-3
+# Powell's restart test |g . g_prev| >= 0.2 |g|^2, on by default for the formulas that jam without it.
+_POWELL_THRESHOLD = 0.2
+_JAMMING_FORMULAS = frozenset({"fletcher_reeves", "dai_yuan"})
+
+
+class NonFiniteObjectiveError(FloatingPointError):
+    """The loss or the gradient at the point where a step starts is NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class StepDiagnostics:
+    """What one call of :meth:`ConjugateGradient.step` did.
+
+    Attributes:
+        loss: the objective where the step started.
+        new_loss: the objective where the step ended (equal to ``loss`` if no move was made).
+        grad_norm: the (preconditioned) gradient norm ``sqrt(g . P g)`` where the step started.
+        step_size: the line search's step length ``t`` of the last iteration (``0.0`` if it failed).
+        beta: the direction-update coefficient of the last iteration (``0.0`` on a restart).
+        slope: the directional derivative ``g . d`` at the start of the last iteration (negative).
+        value_evaluations: forward-only closure calls made by this step.
+        gradient_evaluations: closure calls with gradients made by this step (the first one included).
+        iterations: CG iterations made by this step (``max_iter`` unless it stopped early).
+        restarted: whether the last iteration used the steepest-descent direction.
+        restart_reason: why: ``"start"``, ``"periodic"``, ``"powell"``, ``"not_descent"``, ``"beta_not_finite"``,
+            ``"after_failure"`` or ``"preconditioner_changed"``; ``None`` if it did not restart.
+        line_search_status: ``"converged"``, ``"max_evals"``, ``"failed"`` or ``"not_run"`` (already converged).
+
+    """
+
+    loss: float
+    new_loss: float
+    grad_norm: float
+    step_size: float
+    beta: float
+    slope: float
+    value_evaluations: int
+    gradient_evaluations: int
+    iterations: int
+    restarted: bool
+    restart_reason: str | None
+    line_search_status: str
+
+    @property
+    def failed(self) -> bool:
+        """Whether the last line search found no decrease (the parameters went back to the best point seen)."""
+        return self.line_search_status == ls.FAILED
+
+
+class ConjugateGradient(Optimizer):
+    r"""Nonlinear conjugate gradient with a line search, for full-batch or macro-batch objectives.
+
+    ``step(closure)`` follows the contract of :class:`torch.optim.LBFGS`: the closure clears the gradients,
+    re-evaluates the loss at the current parameters, calls ``backward()`` and returns the loss. Lightning's
+    automatic optimization passes such a closure. An optional ``value_closure`` evaluates the loss only (no
+    autograd graph); the value-only line searches use it for their trial points.
+
+    Every step leaves the parameters finite and no worse than it found them (up to ``value_tolerance`` with the
+    strong Wolfe search): a trial point whose loss or gradient is NaN or infinite counts as a failed trial (the step
+    shrinks); if the line search finds no decrease, the
+    parameters return to where the step began, the next direction is steepest descent and
+    :attr:`diagnostics` reports the failure. A non-finite loss where a step begins raises
+    :class:`NonFiniteObjectiveError` and leaves the parameters untouched. A closure that raises leaves the
+    parameters where the step began.
+
+    Under ``torch.distributed`` every scalar that drives a decision is reduced across ranks: loss values are
+    averaged (each rank evaluates its own data shard), and with ``sharded=True`` dot products and norms are summed
+    (each rank holds a shard of the parameters). Every rank then takes the same branches and makes the same number
+    of closure calls; with replicated parameters (DDP) the parameters stay bitwise identical.
+
+    Args:
+        params: parameters or parameter groups. All groups are searched along one direction with one step length,
+            so options are global: a group may not override them.
+        lr: the length of the first trial step, ``lr * min(1, 1 / |g|)``, taken when there is no previous step
+            to learn from. Later steps start from the previous step scaled by the ratio of slopes.
+        beta: the direction-update formula: ``"fletcher_reeves"`` (``"fr"``), ``"polak_ribiere"`` (``"pr"``),
+            ``"polak_ribiere_plus"`` (``"pr+"``, beta clipped at 0), ``"hestenes_stiefel"`` (``"hs"``),
+            ``"dai_yuan"`` (``"dy"``) or ``"hager_zhang"`` (``"hz"``).
+        line_search: ``"strong_wolfe"``, ``"armijo"``, ``"golden"`` (the paper's) or ``"brent"``.
+        max_iter: CG iterations per ``step()`` call. Inside one call the gradient of the accepted point is reused
+            where the line search computed it.
+        max_evals: bound on closure calls per line search; ``None`` uses the search's default.
+        restart_every: restart with steepest descent every this many iterations. Independently of it, the search
+            restarts whenever the new direction is not a (sufficient) descent direction or ``beta`` is not finite.
+        powell_restart: restart when successive gradients are far from orthogonal, ``|g . P g_prev| >= 0.2 g . P g``
+            (Powell). ``None`` turns it on for Fletcher-Reeves and Dai-Yuan, which jam without it, and off for the
+            others.
+        tolerance_grad: stop (no move) when the gradient norm ``sqrt(g . P g)`` is at most this.
+        tolerance_change: stop iterating within a ``step()`` call when the loss changes by less than this.
+        c1: sufficient-decrease constant (strong Wolfe, Armijo).
+        c2: curvature constant of the strong Wolfe conditions.
+        line_search_tolerance: relative tolerance on the step of the golden-section and Brent searches.
+        value_tolerance: Hager and Zhang's approximate Wolfe tolerance for the strong Wolfe search. Close to a
+            minimum, loss differences drown in rounding error while slopes stay accurate: a trial point whose loss
+            is within ``value_tolerance * |loss|`` of the starting loss is then accepted if the slopes show a
+            sufficient decrease. ``0`` accepts only points whose loss is not above the starting loss.
+        preconditioner: optional fixed diagonal preconditioner, one positive tensor per parameter in the order of
+            the parameter groups. It becomes part of the optimizer state (saved and restored with it).
+        sharded: whether each rank holds a different shard of the parameters (dot products are then summed
+            across ranks). Leave ``False`` for replicated parameters (DDP).
+        process_group: the process group for reductions; ``None`` means the default group when one is initialized.
+
+    Example::
+
+        optimizer = ConjugateGradient(model.parameters(), beta="pr+", line_search="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_fn(model(inputs), targets)
+            loss.backward()
+            return loss
+
+        for _ in range(100):
+            optimizer.step(closure)
+
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        beta: str = "polak_ribiere_plus",
+        line_search: str = "strong_wolfe",
+        max_iter: int = 1,
+        max_evals: int | None = None,
+        restart_every: int | None = None,
+        powell_restart: bool | None = None,
+        tolerance_grad: float = 1e-10,
+        tolerance_change: float = 1e-12,
+        c1: float = 1e-4,
+        c2: float = 0.1,
+        line_search_tolerance: float = 1e-2,
+        value_tolerance: float = 1e-6,
+        preconditioner: Sequence[Tensor] | None = None,
+        sharded: bool = False,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"ConjugateGradient: `lr` (the first trial step) must be positive, got {lr}.")
+        beta_name = BETA_FORMULAS.get(str(beta).lower())
+        if beta_name is None:
+            raise ValueError(
+                f"ConjugateGradient: unknown `beta={beta!r}`. Choose one of {sorted(set(BETA_FORMULAS.values()))} "
+                f"or their aliases {sorted(k for k in BETA_FORMULAS if k not in BETA_FORMULAS.values())}."
+            )
+        if line_search not in LINE_SEARCHES:
+            raise ValueError(
+                f"ConjugateGradient: unknown `line_search={line_search!r}`. Choose one of {LINE_SEARCHES}."
+            )
+        if max_iter < 1:
+            raise ValueError(f"ConjugateGradient: `max_iter` must be at least 1, got {max_iter}.")
+        if max_evals is not None and max_evals < 1:
+            raise ValueError(f"ConjugateGradient: `max_evals` must be at least 1, got {max_evals}.")
+        if restart_every is not None and restart_every < 1:
+            raise ValueError(f"ConjugateGradient: `restart_every` must be at least 1 or None, got {restart_every}.")
+        if not 0 < c1 < 1 or (line_search == "strong_wolfe" and not c1 < c2 < 1):
+            raise ValueError(f"ConjugateGradient: need 0 < c1 < c2 < 1, got c1={c1}, c2={c2}.")
+        if not 0 <= value_tolerance < 1:
+            raise ValueError(f"ConjugateGradient: `value_tolerance` must lie in [0, 1), got {value_tolerance}.")
+        if not 0 < line_search_tolerance < 1:
+            raise ValueError(
+                f"ConjugateGradient: `line_search_tolerance` must lie in (0, 1), got {line_search_tolerance}."
+            )
+        defaults = {
+            "lr": lr,
+            "beta": beta_name,
+            "line_search": line_search,
+            "max_iter": max_iter,
+            "max_evals": max_evals if max_evals is not None else _DEFAULT_MAX_EVALS[line_search],
+            "restart_every": restart_every,
+            "powell_restart": powell_restart,
+            "tolerance_grad": tolerance_grad,
+            "tolerance_change": tolerance_change,
+            "c1": c1,
+            "c2": c2,
+            "line_search_tolerance": line_search_tolerance,
+            "value_tolerance": value_tolerance,
+        }
+        super().__init__(params, defaults)
+        for index, group in enumerate(self.param_groups):
+            overridden = {key: group[key] for key in defaults if group[key] != defaults[key]}
+            if overridden:
+                raise ValueError(
+                    "ConjugateGradient searches all parameters along one direction with one step, so options are "
+                    f"global; parameter group {index} overrides {overridden}. Pass them to the constructor instead."
+                )
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise ValueError("ConjugateGradient does not support sparse parameters.")
+        self.sharded = sharded
+        self.process_group = process_group
+        self._start_point: list[Tensor] | None = None
+        self.diagnostics: StepDiagnostics | None = None
+        if preconditioner is not None:
+            self.set_preconditioner(preconditioner)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Parameters, state and small vector helpers
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _global_state(self) -> dict[str, Any]:
+        # Like torch.optim.LBFGS, scalars that concern all parameters live in the first parameter's state, so that
+        # the standard state_dict() / load_state_dict() carry them.
+        state = self.state[self._params[0]]
+        if "iterations" not in state:
+            state.update(
+                iterations=0,
+                iterations_since_restart=0,
+                has_direction=False,
+                prev_step=None,
+                prev_slope=None,
+                prev_gz=None,
+                reset_reason=None,
+                total_value_evaluations=0,
+                total_gradient_evaluations=0,
+                total_restarts=0,
+                total_line_search_failures=0,
+            )
+        return state
+
+    def _buffer(self, name: str) -> list[Tensor]:
+        buffers = []
+        for p in self._params:
+            state = self.state[p]
+            if name not in state:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buffers.append(state[name])
+        return buffers
+
+    @property
+    def preconditioner(self) -> list[Tensor] | None:
+        """The diagonal preconditioner, one tensor per parameter, or ``None``."""
+        params = self._params
+        if not params or "preconditioner" not in self.state[params[0]]:
+            return None
+        return [self.state[p]["preconditioner"] for p in params]
+
+    @torch.no_grad()
+    def set_preconditioner(self, preconditioner: Sequence[Tensor] | None) -> None:
+        """Set (or with ``None`` remove) the fixed diagonal preconditioner.
+
+        The search restarts with the preconditioned steepest-descent direction, since directions built in another
+        geometry are not conjugate in the new one.
+
+        Args:
+            preconditioner: one tensor per parameter, same shapes, all entries positive and finite.
+
+        """
+        params = self._params
+        if preconditioner is None:
+            for p in params:
+                self.state[p].pop("preconditioner", None)
+        else:
+            preconditioner = list(preconditioner)
+            if len(preconditioner) != len(params):
+                raise ValueError(
+                    f"ConjugateGradient: the preconditioner has {len(preconditioner)} tensors for {len(params)} "
+                    "parameters; pass one tensor per parameter, in the order of the parameter groups."
+                )
+            for index, (p, diagonal) in enumerate(zip(params, preconditioner)):
+                if diagonal.shape != p.shape:
+                    raise ValueError(
+                        f"ConjugateGradient: preconditioner tensor {index} has shape {tuple(diagonal.shape)}, "
+                        f"its parameter {tuple(p.shape)}."
+                    )
+                if not bool(torch.isfinite(diagonal).all()) or not bool((diagonal > 0).all()):
+                    raise ValueError(
+                        f"ConjugateGradient: preconditioner tensor {index} must be positive and finite everywhere."
+                    )
+            for p, diagonal in zip(params, preconditioner):
+                self.state[p]["preconditioner"] = diagonal.detach().to(dtype=p.dtype, device=p.device).clone()
+        state = self._global_state()
+        if state["has_direction"]:
+            state.update(has_direction=False, reset_reason="preconditioner_changed")
+
+    @staticmethod
+    def _gradients(params: list[Tensor]) -> list[Tensor]:
+        grads = []
+        for p in params:
+            if p.grad is None:
+                grads.append(torch.zeros_like(p))
+            elif p.grad.is_sparse:
+                raise RuntimeError("ConjugateGradient does not support sparse gradients.")
+            else:
+                grads.append(p.grad)
+        return grads
+
+    @staticmethod
+    def _local_dot(a: list[Tensor], b: list[Tensor], weight: list[Tensor] | None = None) -> Tensor:
+        """``sum_i a_i . (w_i * b_i)`` over parameter tensors, accumulated in at least float32."""
+        parts = []
+        device = a[0].device
+        for index, (x, y) in enumerate(zip(a, b)):
+            if weight is not None:
+                y = y * weight[index]
+            x, y = x.reshape(-1), y.reshape(-1)
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x, y = x.float(), y.float()
+            parts.append(torch.dot(x, y).to(device=device, dtype=torch.float64))
+        return torch.stack(parts).sum()
+
+    def _dots(self, pairs: list[tuple[list[Tensor], list[Tensor], list[Tensor] | None]]) -> list[float]:
+        """Several dot products with one host synchronisation (and one all-reduce when sharded)."""
+        local = torch.stack([self._local_dot(a, b, w) for a, b, w in pairs])
+        if self.sharded:
+            _, local = reduce_decision_scalars(local[:0], local, self.process_group)
+            assert local is not None
+        return local.tolist()
+
+    def _mean_loss(self, loss: Tensor | float) -> float:
+        """The loss averaged over ranks (each rank evaluates its own data shard)."""
+        loss_tensor = torch.as_tensor(loss).detach().reshape(1)
+        if is_distributed(self.process_group):
+            loss_tensor, _ = reduce_decision_scalars(loss_tensor.to(torch.float64), None, self.process_group)
+        return float(loss_tensor.item())
+
+    def _move_to(self, params: list[Tensor], start: list[Tensor], direction: list[Tensor], step: float) -> None:
+        # Always rebuilt from the start point, so a point is reproduced bitwise whenever it is revisited.
+        torch._foreach_copy_(params, start)
+        if step != 0.0:
+            torch._foreach_add_(params, direction, alpha=step)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self,
+        closure: Callable[[], Tensor | float | None] | None = None,
+        value_closure: Callable[[], Tensor | float] | None = None,
+    ) -> Tensor | float | None:
+        """Perform ``max_iter`` conjugate-gradient iterations.
+
+        Args:
+            closure: re-evaluates the model: clears the gradients, computes the loss, calls ``backward()`` and
+                returns the loss. Required.
+            value_closure: optional; returns the loss at the current parameters without computing gradients. Used
+                by the value-only line searches for their trial points; without it they call ``closure``.
+
+        Returns:
+            The loss returned by the first closure call (``None`` if the closure returned ``None``, in which case
+            nothing is changed).
+
+        """
+        if closure is None:
+            raise RuntimeError(
+                "ConjugateGradient.step() needs a closure that re-evaluates the loss and gradients at the current "
+                "parameters: `optimizer.step(closure)`, as for torch.optim.LBFGS. Lightning's automatic "
+                "optimization passes one."
+            )
+        closure = torch.enable_grad()(closure)
+        options = self.param_groups[0]
+        params = self._params
+        state = self._global_state()
+        preconditioner = self.preconditioner
+        max_evals: int = options["max_evals"]
+
+        value_evals = gradient_evals = 0
+        first_loss = closure()
+        gradient_evals += 1
+        if first_loss is None:
+            return None
+        value0 = self._mean_loss(first_loss)
+
+        diagnostics: dict[str, Any] = {}
+        start_loss = value0
+        start_grad_norm = math.nan
+        for iteration in range(options["max_iter"]):
+            grads = self._gradients(params)
+            direction = self._buffer("direction")
+            prev_pgrad = self._buffer("prev_pgrad")
+            want_norm_of_direction = options["beta"] == "hager_zhang" and state["has_direction"]
+            pairs: list[tuple[list[Tensor], list[Tensor], list[Tensor] | None]] = [
+                (grads, grads, preconditioner),  # g . P g
+                (grads, prev_pgrad, None),  # g . P g_prev
+                (grads, direction, None),  # g . d_prev
+            ]
+            if want_norm_of_direction:
+                inverse = None if preconditioner is None else torch._foreach_reciprocal(preconditioner)
+                pairs.append((direction, direction, inverse))  # |d_prev|^2 in the rescaled variables
+            dots = self._dots(pairs)
+            gz, gzp, gd = dots[0], dots[1], dots[2]
+            if not (math.isfinite(value0) and math.isfinite(gz)):
+                what = "loss" if not math.isfinite(value0) else "gradient"
+                raise NonFiniteObjectiveError(
+                    f"ConjugateGradient: the {what} is not finite where the step starts (loss {value0}, squared "
+                    f"gradient norm {gz}); the parameters were left unchanged. Check the data and the model for "
+                    "overflow, or start the CG phase from a point where the loss is finite."
+                )
+            grad_norm = math.sqrt(gz)
+            if iteration == 0:
+                start_grad_norm = grad_norm
+            if grad_norm <= options["tolerance_grad"]:
+                diagnostics = dict(
+                    new_loss=value0, step_size=0.0, beta=0.0, slope=-gz, restarted=False, restart_reason=None,
+                    line_search_status="not_run", iterations=iteration,
+                )  # fmt: skip
+                break
+
+            beta, slope, restart_reason = self._direction_coefficients(state, options, gz, gzp, gd, dots)
+            # d = beta d_prev - P g, in place; then remember P g for the next beta.
+            if restart_reason is None:
+                torch._foreach_mul_(direction, beta)
+            else:
+                torch._foreach_zero_(direction)
+            if preconditioner is None:
+                torch._foreach_sub_(direction, grads)
+                torch._foreach_copy_(prev_pgrad, grads)
+            else:
+                torch._foreach_addcmul_(direction, preconditioner, grads, value=-1.0)
+                torch._foreach_copy_(prev_pgrad, grads)
+                torch._foreach_mul_(prev_pgrad, preconditioner)
+
+            initial_step = self._initial_step(state, options["lr"], slope, grad_norm)
+            if self._start_point is None or len(self._start_point) != len(params):
+                self._start_point = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+            start = self._start_point
+            torch._foreach_copy_(start, params)
+
+            counts = {"value": 0, "gradient": 0}
+            phi, last_evaluation = self._line_function(params, start, direction, closure, value_closure, counts)
+            value_noise = options["value_tolerance"] * abs(value0)
+            try:
+                result = self._search(phi, options, value0, slope, initial_step, max_evals, value_noise)
+            except BaseException:
+                # Whatever the closure raised, leave the parameters where the step began.
+                torch._foreach_copy_(params, start)
+                raise
+            finally:
+                value_evals += counts["value"]
+                gradient_evals += counts["gradient"]
+
+            if result.status == ls.FAILED:
+                torch._foreach_copy_(params, start)
+                state["has_direction"] = False
+                state["reset_reason"] = "after_failure"
+                state["total_line_search_failures"] += 1
+            else:
+                self._move_to(params, start, direction, result.step)
+                state["has_direction"] = True
+                state["prev_step"] = result.step
+                state["prev_slope"] = slope
+            state["prev_gz"] = gz
+            state["iterations"] += 1
+            state["iterations_since_restart"] = 0 if restart_reason is not None else state["iterations_since_restart"]
+            state["iterations_since_restart"] += 1
+            if restart_reason is not None:
+                state["total_restarts"] += 1
+            diagnostics = dict(
+                new_loss=result.value, step_size=result.step, beta=beta, slope=slope,
+                restarted=restart_reason is not None, restart_reason=restart_reason,
+                line_search_status=result.status, iterations=iteration + 1,
+            )  # fmt: skip
+            if result.status == ls.FAILED or iteration + 1 == options["max_iter"]:
+                break
+            if abs(result.value - value0) < options["tolerance_change"]:
+                break
+            # Next iteration: reuse the gradient if the last trial was the accepted point, else re-evaluate.
+            value0 = result.value
+            if not (last_evaluation["with_gradient"] and last_evaluation["step"] == result.step):
+                loss = closure()
+                gradient_evals += 1
+                value0 = self._mean_loss(loss) if loss is not None else value0
+
+        state["total_value_evaluations"] += value_evals
+        state["total_gradient_evaluations"] += gradient_evals
+        self.diagnostics = StepDiagnostics(
+            loss=start_loss,
+            grad_norm=start_grad_norm,
+            value_evaluations=value_evals,
+            gradient_evaluations=gradient_evals,
+            **diagnostics,
+        )
+        return first_loss
+
+    def _line_function(
+        self,
+        params: list[Tensor],
+        start: list[Tensor],
+        direction: list[Tensor],
+        closure: Callable[[], Tensor | float | None],
+        value_closure: Callable[[], Tensor | float] | None,
+        counts: dict[str, int],
+    ) -> tuple[ls.Phi, dict[str, Any]]:
+        """The objective along ``direction`` from ``start``, and a record of its last evaluation."""
+        last_evaluation: dict[str, Any] = {"step": None, "with_gradient": False}
+
+        def phi(t: float, need_derivative: bool) -> ls.Trial:
+            self._move_to(params, start, direction, t)
+            last_evaluation.update(step=t, with_gradient=False)
+            if need_derivative or value_closure is None:
+                loss = closure()
+                counts["gradient"] += 1
+                if loss is None:
+                    raise RuntimeError("ConjugateGradient: the closure returned None at a line-search trial point.")
+                local_slope = self._local_dot(self._gradients(params), direction).reshape(1)
+                value = self._mean_loss(loss)
+                if self.sharded:
+                    _, local_slope = reduce_decision_scalars(local_slope[:0], local_slope, self.process_group)
+                    assert local_slope is not None
+                last_evaluation["with_gradient"] = True
+                return ls.Trial(value, float(local_slope.item()))
+            with torch.no_grad():
+                loss = value_closure()
+            counts["value"] += 1
+            return ls.Trial(self._mean_loss(loss), None)
+
+        return phi, last_evaluation
+
+    def _direction_coefficients(
+        self, state: dict[str, Any], options: dict[str, Any], gz: float, gzp: float, gd: float, dots: list[float]
+    ) -> tuple[float, float, str | None]:
+        """Return ``(beta, slope, restart_reason)`` for the new direction ``beta d_prev - P g``."""
+        if not state["has_direction"]:
+            return 0.0, -gz, state.get("reset_reason") or "start"
+        restart_every = options["restart_every"]
+        if restart_every is not None and state["iterations_since_restart"] >= restart_every:
+            return 0.0, -gz, "periodic"
+        powell = options["powell_restart"]
+        if powell is None:
+            powell = options["beta"] in _JAMMING_FORMULAS
+        if powell and abs(gzp) >= _POWELL_THRESHOLD * gz:
+            # Successive gradients far from orthogonal: the directions have lost conjugacy (Powell, 1977).
+            return 0.0, -gz, "powell"
+        prev_gz, prev_slope = state["prev_gz"], state["prev_slope"]
+        # y = g - g_prev; in the rescaled variables y . P g = gz - gzp and d_prev . y = gd - prev_slope.
+        y_pg = gz - gzp
+        d_y = gd - prev_slope
+        beta = _beta(options["beta"], gz=gz, prev_gz=prev_gz, y_pg=y_pg, d_y=d_y, gzp=gzp, gd=gd, dots=dots)
+        if not math.isfinite(beta):
+            return 0.0, -gz, "beta_not_finite"
+        slope = beta * gd - gz
+        if not slope < -_SUFFICIENT_DESCENT * gz:
+            return 0.0, -gz, "not_descent"
+        return beta, slope, None
+
+    @staticmethod
+    def _initial_step(state: dict[str, Any], lr: float, slope: float, grad_norm: float) -> float:
+        prev_step, prev_slope = state["prev_step"], state["prev_slope"]
+        if prev_step is not None and prev_slope is not None:
+            # Assume the first-order change is the same as in the previous iteration (Nocedal & Wright, 3.60).
+            guess = prev_step * prev_slope / slope
+            if math.isfinite(guess) and guess > 0:
+                return guess
+        return lr * min(1.0, 1.0 / grad_norm)
+
+    @staticmethod
+    def _search(
+        phi: ls.Phi,
+        options: dict[str, Any],
+        value0: float,
+        slope: float,
+        initial_step: float,
+        max_evals: int,
+        value_noise: float,
+    ) -> ls.LineSearchResult:
+        name = options["line_search"]
+        if name == "strong_wolfe":
+            return ls.strong_wolfe(
+                phi,
+                value0,
+                slope,
+                initial_step,
+                c1=options["c1"],
+                c2=options["c2"],
+                max_evals=max_evals,
+                value_noise=value_noise,
+            )
+        if name == "armijo":
+            return ls.armijo(phi, value0, slope, initial_step, c1=options["c1"], max_evals=max_evals)
+        if name == "golden":
+            return ls.golden_section(
+                phi, value0, slope, initial_step, tolerance=options["line_search_tolerance"], max_evals=max_evals
+            )
+        return ls.brent(
+            phi, value0, slope, initial_step, tolerance=options["line_search_tolerance"], max_evals=max_evals
+        )
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Cumulative counts since the optimizer was created (restored with its state)."""
+        state = self._global_state()
+        return {
+            "iterations": state["iterations"],
+            "value_evaluations": state["total_value_evaluations"],
+            "gradient_evaluations": state["total_gradient_evaluations"],
+            "restarts": state["total_restarts"],
+            "line_search_failures": state["total_line_search_failures"],
+        }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    # A zero denominator gives a non-finite beta, which triggers a restart.
+    return numerator / denominator if denominator != 0 else math.nan
+
+
+def _beta(
+    formula: str, *, gz: float, prev_gz: float, y_pg: float, d_y: float, gzp: float, gd: float, dots: list[float]
+) -> float:
+    """The direction-update coefficient, in the geometry of the preconditioner.
+
+    ``gz = g . P g``, ``prev_gz = g_prev . P g_prev``, ``y_pg = y . P g``, ``d_y = d_prev . y``,
+    ``gzp = g . P g_prev``, ``gd = g . d_prev`` and ``dots[3] = |d_prev|^2`` (Hager-Zhang only), ``y = g - g_prev``.
+    """
+    if formula == "fletcher_reeves":
+        return _ratio(gz, prev_gz)
+    if formula == "polak_ribiere":
+        return _ratio(y_pg, prev_gz)
+    if formula == "polak_ribiere_plus":
+        return max(0.0, _ratio(y_pg, prev_gz))
+    if formula == "hestenes_stiefel":
+        return _ratio(y_pg, d_y)
+    if formula == "dai_yuan":
+        return _ratio(gz, d_y)
+    # Hager-Zhang: beta = (y - 2 d |y|^2 / d.y) . g / d.y, bounded below by -1 / (|d| min(eta, |g_prev|)).
+    y_py = gz - 2.0 * gzp + prev_gz
+    beta = _ratio(y_pg, d_y) - 2.0 * _ratio(y_py * gd, d_y * d_y)
+    lower = _ratio(-1.0, math.sqrt(max(dots[3], 0.0)) * min(_HAGER_ZHANG_ETA, math.sqrt(max(prev_gz, 0.0))))
+    return max(beta, lower) if math.isfinite(lower) else beta
