@@ -1,0 +1,171 @@
+"""What the user sees: scalars for every Lightning logger, and for TensorBoard a layout, figures and text events.
+
+matplotlib is optional: it is imported only when a figure is drawn, and without it the figures are skipped with one
+warning. Nothing here talks to processes other than rank 0 (the loggers are rank-zero only).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+#: Prefix of every scalar this package logs.
+PREFIX = "twophase"
+PHASE_VALUES = {"first": 0.0, "cg": 1.0, "fallback": 2.0}
+
+CUSTOM_SCALARS_LAYOUT = {
+    "two-phase training": {
+        "gradient norm and loss": ["Multiline", [f"{PREFIX}/grad_norm", f"{PREFIX}/loss"]],
+        "swap rule: norm, peak and threshold": [
+            "Multiline",
+            [f"{PREFIX}/grad_norm", f"{PREFIX}/gn_max", f"{PREFIX}/threshold"],
+        ],
+        "phase (0 first, 1 CG, 2 fallback)": ["Multiline", [f"{PREFIX}/phase"]],
+        "loss against compute": ["Multiline", [f"{PREFIX}/loss", f"{PREFIX}/compute"]],
+    },
+    "conjugate gradient": {
+        "step size and beta": ["Multiline", [f"{PREFIX}/cg/step_size", f"{PREFIX}/cg/beta"]],
+        "evaluations per iteration": [
+            "Multiline",
+            [f"{PREFIX}/cg/gradient_evaluations", f"{PREFIX}/cg/value_evaluations"],
+        ],
+        "restarts and line-search failures": [
+            "Multiline",
+            [f"{PREFIX}/cg/restarts", f"{PREFIX}/cg/line_search_failures"],
+        ],
+    },
+}
+
+
+def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+@rank_zero_only
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Send scalars to every logger of the Trainer, at once (not through ``self.log``'s flush interval)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+@rank_zero_only
+def add_custom_scalars_layout(trainer: pl.Trainer) -> None:
+    """TensorBoard's Custom Scalars tab: gradient norm and loss together, the swap rule, the CG diagnostics."""
+    for writer in _tensorboard_writers(trainer):
+        writer.add_custom_scalars(CUSTOM_SCALARS_LAYOUT)
+
+
+@rank_zero_only
+def log_text(trainer: pl.Trainer, tag: str, text: str, step: int) -> None:
+    """A text event (TensorBoard's Text tab)."""
+    for writer in _tensorboard_writers(trainer):
+        writer.add_text(tag, text, global_step=step)
+
+
+_warned_no_matplotlib = False
+
+
+def norm_vs_loss_figure(
+    history: Sequence[dict[str, Any]], swap_index: int | None, peak_index: int | None, title: str = ""
+) -> Figure | None:
+    """The gradient norm against the loss, the loss decreasing to the right (as in the paper's Fig. 5).
+
+    Args:
+        history: one record per check with ``loss``, ``grad_norm`` and ``phase``.
+        swap_index: the check at which the swap was made, or ``None``.
+        peak_index: the check with the largest gradient norm of the first phase, or ``None``.
+        title: an optional title.
+
+    Returns:
+        A matplotlib figure (not attached to pyplot), or ``None`` if matplotlib is not installed.
+
+    """
+    global _warned_no_matplotlib
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _warned_no_matplotlib:
+            rank_zero_warn("matplotlib is not installed: the norm-vs-loss figure is skipped (pip install matplotlib).")
+            _warned_no_matplotlib = True
+        return None
+    points = [(r["loss"], r["grad_norm"], r["phase"]) for r in history]
+    figure = Figure(figsize=(6.4, 4.8), dpi=100)
+    axes = figure.add_subplot(1, 1, 1)
+    colors = {"first": "tab:blue", "cg": "tab:orange", "fallback": "tab:green"}
+    labels = {"first": "first phase (Adam)", "cg": "conjugate gradient", "fallback": "fallback"}
+    positive = [(x, y, phase) for x, y, phase in points if x > 0 and y > 0 and math.isfinite(x) and math.isfinite(y)]
+    if positive:
+        axes.plot([x for x, _, _ in positive], [y for _, y, _ in positive], color="0.75", linewidth=0.8, zorder=1)
+        for phase, color in colors.items():
+            selected = [(x, y) for x, y, p in positive if p == phase]
+            if selected:
+                axes.scatter(*zip(*selected), s=12, color=color, label=labels[phase], zorder=2)
+        axes.set_xscale("log")
+        axes.set_yscale("log")
+    if peak_index is not None and 0 <= peak_index < len(points):
+        x, y, _ = points[peak_index]
+        axes.scatter([x], [y], marker="^", s=90, color="black", label="peak of the gradient norm", zorder=3)
+    if swap_index is not None and 0 <= swap_index < len(points):
+        x, y, _ = points[swap_index]
+        axes.scatter([x], [y], marker="*", s=220, color="red", label="swap", zorder=4)
+        axes.annotate(f"swap (check {swap_index + 1})", (x, y), textcoords="offset points", xytext=(8, 8))
+    axes.invert_xaxis()  # training moves to the right as the loss falls
+    axes.set_xlabel("training loss (decreasing to the right)")
+    axes.set_ylabel("gradient norm")
+    axes.set_title(title or "gradient norm against loss")
+    axes.grid(True, which="both", alpha=0.3)
+    if positive:
+        axes.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def render_rgb(figure: Figure) -> Any:
+    """The figure as an ``(height, width, 3)`` uint8 array, drawn without pyplot."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+@rank_zero_only
+def log_figure(trainer: pl.Trainer, tag: str, figure: Figure, step: int) -> None:
+    """Write a figure to TensorBoard's Images tab."""
+    writers = _tensorboard_writers(trainer)
+    if writers:
+        image = render_rgb(figure)
+        for writer in writers:
+            writer.add_image(tag, image, global_step=step, dataformats="HWC")
+
+
+@rank_zero_only
+def save_figure(figure: Figure, path: str | Path) -> None:
+    """Save a figure as an image file (PNG by its suffix)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(figure).print_figure(str(path))
+
+
+@rank_zero_only
+def write_history_csv(history: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """The checks (epoch, step, loss, gradient norm, peak, threshold, phase, compute) as CSV."""
+    if not history:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0].keys()))
+        writer.writeheader()
+        writer.writerows(history)

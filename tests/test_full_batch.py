@@ -1,0 +1,232 @@
+"""The full-batch and macro-batch CG phase: the exact objective, forward-only trials, caching, and convergence."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from _models import TinyClassifier, blobs, trainer_kwargs
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_twophase import ConjugateGradient, ConvexitySwapCallback
+
+
+class LogisticRegression(pl.LightningModule):
+    """L2-regularised logistic regression: strictly convex, with a unique optimum scipy can find exactly."""
+
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__()
+        self.linear = nn.Linear(20, 1)
+        self.lr = lr
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = torch.randn(500, 20, generator=generator, dtype=torch.float64)
+        weights = torch.randn(20, generator=generator, dtype=torch.float64)
+        self.labels = (torch.sigmoid(self.inputs @ weights) > torch.rand(500, generator=generator)).double()
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(inputs).squeeze(1)
+        penalty = 1e-2 * self.linear.weight.pow(2).sum()
+        return nn.functional.binary_cross_entropy_with_logits(logits, labels) + penalty
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.loss(*batch)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.inputs, self.labels), batch_size=64)  # the last batch is short: 52
+
+    def full_loss(self) -> float:
+        with torch.no_grad():
+            return float(self.loss(self.inputs, self.labels))
+
+
+def scipy_optimum() -> float:
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    model = LogisticRegression().double()
+
+    def fun(values):
+        torch.nn.utils.vector_to_parameters(torch.tensor(values), model.parameters())
+        model.zero_grad()
+        loss = model.loss(model.inputs, model.labels)
+        loss.backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        return float(loss.detach()), grad.numpy()
+
+    start = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
+    result = scipy_optimize.minimize(fun, start, jac=True, method="BFGS", options={"gtol": 1e-12})
+    return float(result.fun)
+
+
+def epochs_to_reach(model: LogisticRegression, callback: pl.Callback | None, target: float, epochs: int) -> int | None:
+    reached: list[int] = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if not reached and pl_module.full_loss() <= target:
+                reached.append(trainer.current_epoch + 1)
+
+    callbacks = [Watch()] if callback is None else [callback, Watch()]
+    pl.Trainer(callbacks=callbacks, **trainer_kwargs(max_epochs=epochs, precision="64-true")).fit(model)
+    return reached[0] if reached else None
+
+
+def test_full_batch_cg_reaches_the_optimum_in_far_fewer_epochs_than_adam():
+    optimum = scipy_optimum()
+    target = optimum * (1 + 1e-6)
+    cg_epochs = epochs_to_reach(LogisticRegression(), ConvexitySwapCallback(fixed_swap_epoch=1), target, 40)
+    adam_epochs = epochs_to_reach(LogisticRegression(), None, target, 400)
+    assert cg_epochs is not None and cg_epochs <= 30
+    assert adam_epochs is None or adam_epochs >= 10 * cg_epochs, (cg_epochs, adam_epochs)
+
+
+class SpyConjugateGradient(ConjugateGradient):
+    """Records what each step starts from: the closure's gradient norm and two value evaluations at the start."""
+
+    records: ClassVar[list[dict[str, float]]] = []
+
+    def step(self, closure=None, value_closure=None):  # type: ignore[override]
+        start_loss = float(closure())
+        grad = torch.cat([p.grad.reshape(-1) for group in self.param_groups for p in group["params"]])
+        SpyConjugateGradient.records.append(
+            {
+                "start_loss": start_loss,
+                "grad_norm": float(grad.norm()),
+                "value_1": float(value_closure()),
+                "value_2": float(value_closure()),
+            }
+        )
+        return super().step(closure, value_closure)
+
+
+def spy_factory(groups: list[dict[str, Any]]) -> ConjugateGradient:
+    return SpyConjugateGradient(groups, line_search="brent")
+
+
+def exact_gradient_norm(model: pl.LightningModule, dataset: TensorDataset) -> float:
+    model.zero_grad()
+    inputs, labels = dataset.tensors
+    loss = model.training_step((inputs, labels), 0)
+    loss.backward()
+    return float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
+
+
+class StartWeights(pl.Callback):
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.by_epoch[trainer.current_epoch] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_the_start_gradient_is_the_exact_size_weighted_mean_over_the_epoch():
+    SpyConjugateGradient.records = []
+    model = LogisticRegression()
+    starts = StartWeights()
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    pl.Trainer(callbacks=[callback, starts], **trainer_kwargs(max_epochs=3, precision="64-true")).fit(model)
+    dataset = TensorDataset(model.inputs, model.labels)
+    for epoch, record in zip((1, 2), SpyConjugateGradient.records):
+        reference = LogisticRegression().double()
+        reference.load_state_dict(starts.by_epoch[epoch])
+        assert record["grad_norm"] == pytest.approx(exact_gradient_norm(reference, dataset), rel=1e-12)
+        assert record["start_loss"] == pytest.approx(reference.full_loss(), rel=1e-12)
+
+
+class NoisyClassifier(TinyClassifier):
+    """Random input noise inside training_step, as augmentation or dropout would add."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch
+        noisy = inputs + 0.3 * torch.randn_like(inputs)
+        return nn.functional.cross_entropy(self(noisy), labels)
+
+
+def test_randomness_repeats_at_every_trial_point_of_an_iteration():
+    SpyConjugateGradient.records = []
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=4)).fit(NoisyClassifier())
+    assert len(SpyConjugateGradient.records) == 3
+    for record in SpyConjugateGradient.records:
+        # The training loop's own pass and two re-evaluations at the same point see the same noise.
+        assert record["value_1"] == record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize(("cg_phase", "iterations_per_epoch"), [(2, 4), (3, 3), ("minibatch", 8), ("full", 1)])
+def test_macro_batches_of_k_batches(cg_phase, iterations_per_epoch):
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, cg_phase=cg_phase)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
+    with pytest.warns(UserWarning) if cg_phase == "minibatch" else _nothing():
+        trainer.fit(TinyClassifier(samples=240, batch_size=30))  # 8 batches per epoch
+    assert trainer.optimizers[0].optimizer.totals["iterations"] == 2 * iterations_per_epoch
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
+def test_value_only_line_search_runs_no_extra_backward_pass():
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_kwargs={"line_search": "golden"})
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=4))
+    trainer.fit(TinyClassifier())
+    totals = trainer.optimizers[0].optimizer.totals
+    # One gradient per iteration (the training loop's own pass); every trial point was forward-only.
+    assert totals["gradient_evaluations"] == totals["iterations"] == 3
+    assert totals["value_evaluations"] > totals["iterations"]
+
+
+def test_batches_beyond_the_device_cache_bound_give_the_same_result():
+    weights = []
+    for max_cached_bytes in (0, 2**30):
+        model = TinyClassifier()
+        callback = ConvexitySwapCallback(fixed_swap_epoch=1, max_cached_bytes=max_cached_bytes)
+        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        assert torch.equal(a, b)
+
+
+class ShowsProgress(pl.Callback):
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.counts.append(trainer.progress_bar_callback.train_progress_bar.n)
+
+
+def test_progress_bar_and_validation_keep_running_in_the_cg_phase():
+    progress = ShowsProgress()
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1)
+    trainer = pl.Trainer(callbacks=[callback, progress], **trainer_kwargs(max_epochs=3, enable_progress_bar=True))
+    trainer.fit(TinyClassifier())
+    assert progress.counts == [trainer.num_training_batches] * 3
+    assert "val_loss" in trainer.callback_metrics
+
+
+def test_training_set_of_unknown_length_needs_a_macro_batch():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(blobs())
+
+    class StreamClassifier(TinyClassifier):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(Stream(), batch_size=32)
+
+    trainer = pl.Trainer(callbacks=[ConvexitySwapCallback()], **trainer_kwargs(max_epochs=2))
+    with pytest.raises(MisconfigurationException, match="known length"):
+        trainer.fit(StreamClassifier())
+    assert trainer.global_step == 0
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, cg_phase=4)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=2))
+    trainer.fit(StreamClassifier())
+    assert trainer.optimizers[0].optimizer.totals["iterations"] == 2  # 8 batches in the second epoch, 4 per step

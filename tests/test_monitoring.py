@@ -1,0 +1,84 @@
+"""What the user sees: TensorBoard scalars, layout, figure and text read back from the event files; CSV and PNG."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning.pytorch as pl
+import pytest
+from _models import PeakingClassifier, trainer_kwargs
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_twophase import ConvexitySwapCallback
+from lightning_twophase.monitoring import norm_vs_loss_figure, render_rgb
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tensorboard")
+    callback = ConvexitySwapCallback()
+    logger = TensorBoardLogger(directory, name="run")
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=10, logger=logger))
+    trainer.fit(PeakingClassifier())
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return callback, trainer, events, logger.log_dir
+
+
+def test_scalars_of_every_check_and_of_the_cg_steps(run):
+    callback, _, events, _ = run
+    tags = set(events.Tags()["scalars"])
+    per_check = {"loss", "grad_norm", "gn_max", "threshold", "phase", "compute"}
+    per_cg_step = {"step_size", "beta", "gradient_evaluations", "value_evaluations", "restarts", "line_search_failures"}
+    assert {f"twophase/{name}" for name in per_check} <= tags
+    assert {f"twophase/cg/{name}" for name in per_cg_step} <= tags
+    phases = [event.value for event in events.Scalars("twophase/phase")]
+    assert phases == [0.0] * callback.swap_epoch + [1.0] * (10 - callback.swap_epoch)
+    norms = [event.value for event in events.Scalars("twophase/grad_norm")]
+    assert norms == pytest.approx([record["grad_norm"] for record in callback.history])
+
+
+def test_swap_text_figure_and_layout(run):
+    callback, _, events, _ = run
+    tensors = set(events.Tags()["tensors"])
+    assert "twophase/swap/text_summary" in tensors
+    (text_event,) = events.Tensors("twophase/swap/text_summary")
+    text = text_event.tensor_proto.string_val[0].decode()
+    assert f"epoch {callback.swap_epoch}" in text and "conjugate gradient" in text
+    assert "custom_scalars__config__" in tensors
+    # The figure is written at the swap and again at the end of training.
+    figures = events.Images("twophase/norm_vs_loss")
+    assert len(figures) == 2 and figures[0].width > 100
+
+
+def test_history_csv_and_png_next_to_the_logs(run):
+    callback, _, _, log_dir = run
+    with open(f"{log_dir}/twophase_history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(callback.history) == 10
+    assert rows[callback.swap_epoch]["phase"] == "cg"
+    with open(f"{log_dir}/norm_vs_loss.png", "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attributes_after_fit(run):
+    callback, trainer, _, _ = run
+    assert callback.swap_step == callback.swap_epoch * trainer.num_training_batches
+    assert callback.swap_reason.startswith("the gradient norm")
+
+
+def test_figure_marks_peak_and_swap_with_the_loss_decreasing_to_the_right():
+    history = [
+        {"loss": 1.0, "grad_norm": 0.5, "phase": "first"},
+        {"loss": 0.5, "grad_norm": 1.0, "phase": "first"},
+        {"loss": 0.2, "grad_norm": 0.8, "phase": "first"},
+        {"loss": 0.1, "grad_norm": 0.3, "phase": "cg"},
+    ]
+    figure = norm_vs_loss_figure(history, swap_index=2, peak_index=1)
+    axes = figure.axes[0]
+    left, right = axes.get_xlim()
+    assert left > right  # inverted: training moves right as the loss falls
+    labels = axes.get_legend_handles_labels()[1]
+    assert {"swap", "peak of the gradient norm", "conjugate gradient"} <= set(labels)
+    assert render_rgb(figure).shape[2] == 3
