@@ -138,15 +138,11 @@ class ConvexitySwapCallback(Callback):
             raise ValueError("ConvexitySwapCallback: `fallback_after_failures` must be at least 1.")
         if fallback_loss_window is not None and fallback_loss_window < 1:
             raise ValueError("ConvexitySwapCallback: `fallback_loss_window` must be at least 1 or None.")
-        self._swap_epochs = {"fixed_swap_epoch": fixed_swap_epoch, "max_swap_epoch": max_swap_epoch}
-        for name, value in self._swap_epochs.items():
-            if value is not None and not (
-                (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0 < value < 1)
-            ):
-                raise ValueError(
-                    f"ConvexitySwapCallback: `{name}` must be an epoch count >= 0 or a fraction of max_epochs in "
-                    f"(0, 1), got {value!r}."
-                )
+        self._swap_epochs = {
+            "fixed_swap_epoch": _epoch_setting("fixed_swap_epoch", fixed_swap_epoch),
+            "max_swap_epoch": _epoch_setting("max_swap_epoch", max_swap_epoch),
+        }
+        fixed_swap_epoch, max_swap_epoch = self._swap_epochs["fixed_swap_epoch"], self._swap_epochs["max_swap_epoch"]
         if detector is None:
             detector = GradientNormPeakDetector(
                 factor=factor,
@@ -612,6 +608,21 @@ class ConvexitySwapCallback(Callback):
         self._saved_first_state = state_dict["first_optimizer_state"]
         self._first_settings = dict(state_dict["first_settings"])
         self._objective_seed = state_dict["objective_seed"]
+
+
+def _epoch_setting(name: str, value: float | None) -> int | float | None:
+    """An epoch count (a whole number >= 0) or a fraction of ``max_epochs`` (in (0, 1)); config files may turn
+    counts into floats, so 30.0 means 30 epochs."""
+    if value is None:
+        return None
+    if 0 < value < 1:
+        return float(value)
+    if value >= 0 and float(value).is_integer():
+        return int(value)
+    raise ValueError(
+        f"ConvexitySwapCallback: `{name}` must be an epoch count >= 0 or a fraction of max_epochs in (0, 1), "
+        f"got {value!r}."
+    )
 
 
 def parameter_groups(optimizer: Optimizer) -> list[dict[str, Any]]:
