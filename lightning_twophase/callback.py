@@ -18,7 +18,7 @@ CG optimizer in ``on_fit_start``, before Lightning restores the optimizer states
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +38,24 @@ from lightning_twophase.detection import GradientNormPeakDetector, SwapDecision
 from lightning_twophase.macro_batch import MacroBatchOptimizer
 from lightning_twophase.objective import TrainingObjective
 from lightning_twophase.optim import ConjugateGradient
+from lightning_twophase.optim.distributed import broadcast_
+from lightning_twophase.preconditioning import second_moment_preconditioner
 
 #: ``cg_phase`` values: the whole training set per CG iteration, or one mini-batch per iteration.
 FULL_BATCH = "full"
 MINI_BATCH = "minibatch"
 
-#: ConjugateGradient options used unless ``optimizer_kwargs`` overrides them.
-DEFAULT_CG_OPTIONS: dict[str, Any] = {"beta": "polak_ribiere_plus", "line_search": "brent"}
+#: ConjugateGradient options used unless ``optimizer_kwargs`` overrides them: chosen on real MNIST
+#: (``benchmarks/fullbatch_vs_minibatch.py``), where Hager-Zhang reached a lower loss than Polak-Ribiere+ and Brent's
+#: value-only search at a 10 % tolerance cost about 2.7 gradient-pass equivalents per iteration.
+DEFAULT_CG_OPTIONS: dict[str, Any] = {"beta": "hager_zhang", "line_search": "brent", "line_search_tolerance": 0.1}
+
+#: ``preconditioner`` values: none, or the first phase's second moments (Adam's ``exp_avg_sq``).
+NO_PRECONDITIONER = "none"
+SECOND_MOMENTS = "second_moments"
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+PreconditionerFactory = Callable[[Optimizer], Sequence[Tensor]]
 SchedulerFactory = Callable[[Optimizer], Any]
 
 
@@ -78,12 +87,17 @@ class ConvexitySwapCallback(Callback):
         cg_phase: what one CG iteration sees: ``"full"`` (the whole training set: one iteration per epoch, the
             paper's CG and the default), an integer ``K`` (a macro-batch of ``K`` mini-batches), or ``"minibatch"``
             (one iteration per mini-batch; numerically unsound unless one batch is the whole training set).
-        optimizer_kwargs: options for :class:`~lightning_twophase.ConjugateGradient` (default: Polak-Ribiere+ with
-            Brent's line search).
+        optimizer_kwargs: options for :class:`~lightning_twophase.ConjugateGradient` (default: Hager-Zhang with
+            Brent's value-only line search at a 10 % tolerance).
         optimizer_factory: builds the second-phase optimizer instead, from the first one's parameter groups (a list
             of dicts with ``"params"``). Any closure optimizer works, ``torch.optim.LBFGS`` for instance.
         scheduler_factory: builds the CG phase's learning-rate scheduler (a scheduler, or a Lightning scheduler
             config dict) from the CG optimizer; by default the CG phase has none.
+        preconditioner: the fixed diagonal preconditioner of the CG phase: ``"none"`` (plain CG, the paper's),
+            ``"second_moments"`` (``1 / (sqrt(v_hat) + eps)`` from the first phase's Adam-like state, normalised to
+            mean 1; plain CG with a warning if the first optimizer keeps no second moments), or a callable that
+            returns one positive tensor per parameter from the first-phase optimizer. Applies to the built-in
+            ConjugateGradient.
         fallback: go back to the first-phase optimizer if the CG phase fails (the paper's "safe resort"). Keeps the
             first-phase optimizer and its state in memory and in checkpoints.
         fallback_after_failures: consecutive line-search failures that trigger the fallback.
@@ -117,6 +131,7 @@ class ConvexitySwapCallback(Callback):
         optimizer_kwargs: dict[str, Any] | None = None,
         optimizer_factory: OptimizerFactory | None = None,
         scheduler_factory: SchedulerFactory | None = None,
+        preconditioner: str | PreconditionerFactory = NO_PRECONDITIONER,
         fallback: bool = True,
         fallback_after_failures: int = 3,
         fallback_loss_window: int | None = 5,
@@ -131,6 +146,11 @@ class ConvexitySwapCallback(Callback):
             raise ValueError(
                 f"ConvexitySwapCallback: `cg_phase` must be 'full', 'minibatch' or a number of batches >= 1, "
                 f"got {cg_phase!r}."
+            )
+        if not (callable(preconditioner) or preconditioner in (SECOND_MOMENTS, NO_PRECONDITIONER)):
+            raise ValueError(
+                f"ConvexitySwapCallback: `preconditioner` must be '{SECOND_MOMENTS}', '{NO_PRECONDITIONER}' or a "
+                f"callable, got {preconditioner!r}."
             )
         if optimizer_kwargs is not None and optimizer_factory is not None:
             raise ValueError("ConvexitySwapCallback: pass `optimizer_kwargs` or `optimizer_factory`, not both.")
@@ -161,6 +181,7 @@ class ConvexitySwapCallback(Callback):
         self.optimizer_kwargs = {**DEFAULT_CG_OPTIONS, **(optimizer_kwargs or {})}
         self.optimizer_factory = optimizer_factory
         self.scheduler_factory = scheduler_factory
+        self.preconditioner = preconditioner
         self.fallback = fallback
         self.fallback_after_failures = fallback_after_failures
         self.fallback_loss_window = fallback_loss_window
@@ -257,6 +278,10 @@ class ConvexitySwapCallback(Callback):
                 "per epoch; this train dataloader has no length. Pass cg_phase=K for macro-batches of K batches."
             )
         monitoring.add_custom_scalars_layout(trainer)
+        if self.phase == "first" and self.swap_reason is None and self.detector.fixed_swap_epoch == 0:
+            # fixed_swap_epoch=0: conjugate gradient from the first step (the paper's "CG only" schedule).
+            decision = SwapDecision(True, "the fixed swap epoch 0 asks for conjugate gradient from the start", 0, 0, 0)
+            self._on_swap_point(trainer, pl_module, decision, epochs_done=0, at_epoch_end=True)
 
     # ------------------------------------------------------------------------------------------------------------
     # Monitor
@@ -392,7 +417,7 @@ class ConvexitySwapCallback(Callback):
         self.swap_epoch = epochs_done if at_epoch_end else trainer.current_epoch
         self.swap_step = trainer.global_step
         self.swap_reason = decision.reason
-        self._swap_check = len(self.history) - 1
+        self._swap_check = len(self.history) - 1 if self.history else None
         first_name = type(trainer.optimizers[0]).__name__
         if self.detect_only:
             message = (
@@ -419,6 +444,9 @@ class ConvexitySwapCallback(Callback):
         groups = parameter_groups(first)
         params = [p for group in groups for p in group["params"]]
         second = self._build_second_optimizer(groups)
+        if not resumed and isinstance(second, ConjugateGradient):
+            # On resume the preconditioner comes back with the optimizer state instead.
+            self._precondition(trainer, first, second)
         batches_per_step = {FULL_BATCH: None, MINI_BATCH: 1}.get(self.cg_phase, self.cg_phase)  # type: ignore[arg-type]
         objective = TrainingObjective(
             trainer,
@@ -463,6 +491,24 @@ class ConvexitySwapCallback(Callback):
                 f"{trainer.num_training_batches} batches; expect the training loss to rise. Use cg_phase='full'.",
                 category=UserWarning,
             )
+
+    def _precondition(self, trainer: pl.Trainer, first: Optimizer, second: ConjugateGradient) -> None:
+        if self.preconditioner == NO_PRECONDITIONER:
+            return
+        if callable(self.preconditioner):
+            diagonal = list(self.preconditioner(first))
+        else:
+            diagonal = second_moment_preconditioner(first)
+            if diagonal is None:
+                rank_zero_warn(
+                    f"ConvexitySwapCallback: {type(first).__name__} has no second moments to precondition the CG "
+                    "phase with (it keeps none, or has not stepped yet); it runs plain conjugate gradient "
+                    "(preconditioner='none' silences this)."
+                )
+                return
+        # Rank 0's diagonal for every rank: the same geometry keeps the replicas identical.
+        broadcast_(diagonal)
+        second.set_preconditioner(diagonal)
 
     def _cg_schedulers(self) -> list[LRSchedulerConfig]:
         if self.scheduler_factory is None or self._cg is None:

@@ -31,7 +31,7 @@ CUSTOM_SCALARS_LAYOUT = {
             [f"{PREFIX}/grad_norm", f"{PREFIX}/gn_max", f"{PREFIX}/threshold"],
         ],
         "phase (0 first, 1 CG, 2 fallback)": ["Multiline", [f"{PREFIX}/phase"]],
-        "loss against compute": ["Multiline", [f"{PREFIX}/loss", f"{PREFIX}/compute"]],
+        "compute (samples forward + 2 x backward)": ["Multiline", [f"{PREFIX}/compute"]],
     },
     "conjugate gradient": {
         "step size and beta": ["Multiline", [f"{PREFIX}/cg/step_size", f"{PREFIX}/cg/beta"]],

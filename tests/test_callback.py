@@ -102,6 +102,15 @@ def test_step_based_checks():
     assert trainer.optimizers[0].optimizer.totals["iterations"] >= 2
 
 
+def test_fixed_swap_epoch_zero_runs_conjugate_gradient_from_the_start():
+    CountingAdam.steps = 0
+    callback = ConvexitySwapCallback(fixed_swap_epoch=0, preconditioner="none")
+    trainer = fit(CountingClassifier(), callback, max_epochs=3)
+    assert (callback.swap_epoch, callback.swap_step, CountingAdam.steps) == (0, 0, 0)
+    assert trainer.optimizers[0].optimizer.totals["iterations"] == 3
+    assert [record["phase"] for record in callback.history] == ["cg"] * 3
+
+
 def test_fraction_of_max_epochs():
     callback = ConvexitySwapCallback(fixed_swap_epoch=0.3)
     fit(TinyClassifier(), callback, max_epochs=10)

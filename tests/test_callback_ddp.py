@@ -15,7 +15,9 @@ from lightning_twophase import ConvexitySwapCallback
 
 def _fit_rank(rank: int, world_size: int, cg_phase: Any, line_search: str) -> dict[str, Any]:
     model = PeakingClassifier()  # the same initial weights on both ranks; DistributedSampler splits the data
-    callback = ConvexitySwapCallback(cg_phase=cg_phase, optimizer_kwargs={"line_search": line_search})
+    callback = ConvexitySwapCallback(
+        cg_phase=cg_phase, optimizer_kwargs={"line_search": line_search}, preconditioner="second_moments"
+    )
     trainer = pl.Trainer(
         callbacks=[callback],
         **trainer_kwargs(max_epochs=10, strategy="ddp", devices=world_size, use_distributed_sampler=True),
@@ -28,6 +30,7 @@ def _fit_rank(rank: int, world_size: int, cg_phase: Any, line_search: str) -> di
         "history": callback.history,
         "weights": [p.detach().clone() for p in model.parameters()],
         "totals": getattr(getattr(cg, "optimizer", None), "totals", None),
+        "preconditioner": getattr(getattr(cg, "optimizer", None), "preconditioner", None),
         "batches": trainer.num_training_batches,
     }
 
@@ -44,4 +47,8 @@ def test_ranks_swap_at_the_same_step_and_keep_identical_weights(cg_phase, line_s
     assert rank0["totals"] == rank1["totals"] and rank0["totals"]["iterations"] > 0
     assert rank0["totals"]["line_search_failures"] == 0
     for a, b in zip(rank0["weights"], rank1["weights"]):
+        assert torch.equal(a, b)
+    # Preconditioned by Adam's second moments: rank 0's diagonal on both ranks.
+    assert rank0["preconditioner"] is not None
+    for a, b in zip(rank0["preconditioner"], rank1["preconditioner"]):
         assert torch.equal(a, b)

@@ -17,7 +17,8 @@ MAX_EPOCHS = 10
 
 def run(directory: Path, ckpt_path: str | None = None, **callback_kwargs) -> tuple[PeakingClassifier, pl.Trainer]:
     model = PeakingClassifier()
-    callback = ConvexitySwapCallback(**callback_kwargs)
+    # Preconditioned, so that resume after the swap must also bring the diagonal back with the optimizer state.
+    callback = ConvexitySwapCallback(preconditioner="second_moments", **callback_kwargs)
     checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
         callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=MAX_EPOCHS, enable_checkpointing=True)
@@ -62,6 +63,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(uninterrupted, tm
         torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
     assert resumed.history == reference.history
     assert trainer.optimizers[0].optimizer.totals == reference_trainer.optimizers[0].optimizer.totals
+    for restored, original in zip(
+        trainer.optimizers[0].optimizer.preconditioner, reference_trainer.optimizers[0].optimizer.preconditioner
+    ):
+        assert torch.equal(restored, original)
 
 
 def test_a_checkpoint_after_the_swap_holds_the_cg_state_and_the_first_phase_for_the_fallback(uninterrupted):

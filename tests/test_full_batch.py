@@ -84,6 +84,18 @@ def test_full_batch_cg_reaches_the_optimum_in_far_fewer_epochs_than_adam():
     assert adam_epochs is None or adam_epochs >= 10 * cg_epochs, (cg_epochs, adam_epochs)
 
 
+def test_any_closure_optimizer_can_be_the_second_phase():
+    """optimizer_factory: full-batch L-BFGS through the same macro-batch machinery (no value closure needed)."""
+
+    def lbfgs(groups):
+        return torch.optim.LBFGS(groups, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
+
+    target = scipy_optimum() * (1 + 1e-6)
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=lbfgs)
+    epochs = epochs_to_reach(LogisticRegression(), callback, target, 40)
+    assert epochs is not None and epochs <= 30
+
+
 class SpyConjugateGradient(ConjugateGradient):
     """Records what each step starts from: the closure's gradient norm and two value evaluations at the start."""
 

@@ -51,17 +51,37 @@ def reduce_decision_scalars(
     return reduced_means, reduced_sums
 
 
+def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """Group tensors by dtype and device, so that each group travels in one flat buffer."""
+    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for tensor in tensors:
+        buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    return list(buckets.values())
+
+
+def _unflatten_into(flat: Tensor, bucket: list[Tensor]) -> None:
+    pieces = flat.split([t.numel() for t in bucket])
+    torch._foreach_copy_(bucket, [piece.view_as(t) for piece, t in zip(pieces, bucket)])
+
+
 def all_reduce_mean_(tensors: list[Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Average a list of tensors across ranks in place (used for gradients computed outside DDP's hooks)."""
     if not is_distributed(group) or not tensors:
         return
     world_size = dist.get_world_size(group)
-    # Flatten into one buffer per dtype/device so that a model with many tensors costs one collective.
-    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
-    for tensor in tensors:
-        buckets.setdefault((tensor.dtype, tensor.device), []).append(tensor)
-    for bucket in buckets.values():
+    # One flat buffer per dtype/device, so that a model with many tensors costs one collective.
+    for bucket in _buckets(tensors):
         flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat /= world_size
-        torch._foreach_copy_(bucket, [f.view_as(t) for f, t in zip(flat.split([t.numel() for t in bucket]), bucket)])
+        _unflatten_into(flat, bucket)
+
+
+def broadcast_(tensors: list[Tensor], src: int = 0, group: dist.ProcessGroup | None = None) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values (one collective per dtype and device)."""
+    if not is_distributed(group) or not tensors:
+        return
+    for bucket in _buckets(tensors):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.broadcast(flat, src=src, group=group)
+        _unflatten_into(flat, bucket)
