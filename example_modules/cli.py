@@ -1,4 +1,4 @@
-"""The command line of the examples: a LightningCLI composing model, data, Trainer and the two-phase callback.
+"""The command line of the examples: a LightningCLI composing model, data, Trainer and the two-phase callback::
 
     python -m example_modules fit --config example_modules/configs/quick.yaml
     python -m example_modules fit --config example_modules/configs/mnist-vit-nomlp.yaml --trainer.devices 2 \\
