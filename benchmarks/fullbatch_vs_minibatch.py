@@ -76,6 +76,20 @@ class Result:
     final_phase: str
 
 
+def quiet_trainer(max_epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A CPU Trainer without logging, checkpoints or progress bar (nothing but the training itself is timed)."""
+    return pl.Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
 def make_model(name: str) -> pl.LightningModule:
     torch.manual_seed(0)
     if name == "mlp":
@@ -111,19 +125,9 @@ def run(
         callback = ConvexitySwapCallback(detect_only=True, log_figures=False)
     else:
         callback = ConvexitySwapCallback(fixed_swap_epoch=adam_epochs, log_figures=False, **callback_kwargs)
-    loader = DeviceTensorLoader(*train, batch_size=512, shuffle=True, seed=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=total_epochs,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(total_epochs, [callback])
     began = time.perf_counter()
-    trainer.fit(model, train_dataloaders=loader)
+    trainer.fit(model, train_dataloaders=DeviceTensorLoader(*train, batch_size=512, shuffle=True, seed=0))
     seconds = time.perf_counter() - began
     train_loss, _ = evaluate(model, train)
     val_loss, val_accuracy = evaluate(model, val)
@@ -160,17 +164,8 @@ def run_scipy_reference(
     import scipy.optimize
 
     model = make_model(model_name)
-    loader = DeviceTensorLoader(*train, batch_size=512, shuffle=True, seed=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=adam_epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     began = time.perf_counter()
-    trainer.fit(model, train_dataloaders=loader)
+    quiet_trainer(adam_epochs, []).fit(model, DeviceTensorLoader(*train, batch_size=512, shuffle=True, seed=0))
     params = list(model.parameters())
     images, labels = train
     evaluations = 0

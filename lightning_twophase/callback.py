@@ -70,7 +70,9 @@ class ConvexitySwapCallback(Callback):
     Detection (the paper's Algorithm 1 by default) runs on the mean training loss and mean gradient norm of each
     check. The swap point, its reason and the CG diagnostics go to every logger under ``twophase/``; TensorBoard also
     gets a custom-scalars layout, a text event at the swap and the norm-vs-loss figure. After ``fit``, the callback's
-    :attr:`swap_epoch`, :attr:`swap_step` and :attr:`swap_reason` tell where and why it swapped.
+    :attr:`swap_epoch`, :attr:`swap_step` and :attr:`swap_reason` tell where and why it swapped; the numbers are also
+    in ``trainer.callback_metrics`` (``twophase/swap_epoch``, ``twophase/swap_step``, ``twophase/phase``), which is
+    what reaches the launching process under ``strategy="ddp_spawn"``.
 
     Args:
         factor: swap when the gradient norm falls below this fraction of its running maximum (the paper's 0.9).
@@ -417,6 +419,9 @@ class ConvexitySwapCallback(Callback):
         self.swap_epoch = epochs_done if at_epoch_end else trainer.current_epoch
         self.swap_step = trainer.global_step
         self.swap_reason = decision.reason
+        # Also as callback metrics: with strategy="ddp_spawn" only those travel back to the launching process.
+        for name, value in (("swap_epoch", self.swap_epoch), ("swap_step", self.swap_step)):
+            trainer.callback_metrics[f"{monitoring.PREFIX}/{name}"] = torch.tensor(float(value))
         self._swap_check = len(self.history) - 1 if self.history else None
         first_name = type(trainer.optimizers[0]).__name__
         if self.detect_only:
@@ -431,6 +436,11 @@ class ConvexitySwapCallback(Callback):
                 f"{self.swap_step}: {decision.reason}."
             )
         rank_zero_info(message)
+        swap_scalars = {
+            f"{monitoring.PREFIX}/swap_epoch": self.swap_epoch,
+            f"{monitoring.PREFIX}/swap_step": self.swap_step,
+        }
+        monitoring.log_scalars(trainer, swap_scalars, trainer.global_step)
         monitoring.log_text(trainer, f"{monitoring.PREFIX}/swap", message, trainer.global_step)
         self._log_figure(trainer)
 
@@ -601,6 +611,7 @@ class ConvexitySwapCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._cg is not None:
             self._cg.discard()
+        trainer.callback_metrics[f"{monitoring.PREFIX}/phase"] = torch.tensor(monitoring.PHASE_VALUES[self.phase])
         # `log_dir` is a collective (a broadcast): every rank must ask for it.
         log_dir = trainer.log_dir if trainer.loggers else None
         self._log_figure(trainer, log_dir)

@@ -52,3 +52,15 @@ def test_ranks_swap_at_the_same_step_and_keep_identical_weights(cg_phase, line_s
     assert rank0["preconditioner"] is not None
     for a, b in zip(rank0["preconditioner"], rank1["preconditioner"]):
         assert torch.equal(a, b)
+
+
+def test_ddp_spawn_runs_the_swap_and_reports_it_to_the_launching_process():
+    model = PeakingClassifier()
+    callback = ConvexitySwapCallback(fixed_swap_epoch=2)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=4, strategy="ddp_spawn", devices=2))
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer.fit(model)
+    # The workers' callback objects do not come back, their callback metrics and the trained weights do.
+    assert float(trainer.callback_metrics["twophase/swap_epoch"]) == 2
+    assert float(trainer.callback_metrics["twophase/phase"]) == 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -29,7 +29,7 @@ def run(tmp_path_factory):
 def test_scalars_of_every_check_and_of_the_cg_steps(run):
     callback, _, events, _ = run
     tags = set(events.Tags()["scalars"])
-    per_check = {"loss", "grad_norm", "gn_max", "threshold", "phase", "compute"}
+    per_check = {"loss", "grad_norm", "gn_max", "threshold", "phase", "compute", "swap_epoch", "swap_step"}
     per_cg_step = {"step_size", "beta", "gradient_evaluations", "value_evaluations", "restarts", "line_search_failures"}
     assert {f"twophase/{name}" for name in per_check} <= tags
     assert {f"twophase/cg/{name}" for name in per_cg_step} <= tags
@@ -62,10 +62,14 @@ def test_history_csv_and_png_next_to_the_logs(run):
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_attributes_after_fit(run):
+def test_attributes_and_callback_metrics_after_fit(run):
     callback, trainer, _, _ = run
     assert callback.swap_step == callback.swap_epoch * trainer.num_training_batches
     assert callback.swap_reason.startswith("the gradient norm")
+    metrics = trainer.callback_metrics
+    assert float(metrics["twophase/swap_epoch"]) == callback.swap_epoch
+    assert float(metrics["twophase/swap_step"]) == callback.swap_step
+    assert float(metrics["twophase/phase"]) == 1.0
 
 
 def test_figure_marks_peak_and_swap_with_the_loss_decreasing_to_the_right():
