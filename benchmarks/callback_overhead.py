@@ -5,7 +5,7 @@ their medians, the overhead and the run-to-run noise of the runs without the cal
 callback's per-step work (the gradient norm) timed alone, as a share of a training step, since on a shared CPU the
 end-to-end difference is below the noise.
 
-    python benchmarks/callback_overhead.py [--repeats 7] [--epochs 5]
+    python benchmarks/callback_overhead.py [--repeats 15] [--epochs 10]
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def norm_hook_seconds(calls: int = 2000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--samples", type=int, default=10000)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

@@ -250,7 +250,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     baseline = dict(results).get("adam")
     for _, r in results:
-        ratio = f"{baseline.train_loss / r.train_loss:.2f}x lower" if baseline else "-"
+        ratio = "-"
+        if baseline is not None and r is not baseline:
+            factor = baseline.train_loss / r.train_loss
+            ratio = f"{factor:.2f}x lower" if factor >= 1 else f"{1 / factor:.2f}x higher"
         per_iteration = f"{r.cg_evaluations_per_iteration:.2f}" if r.cg_evaluations_per_iteration else "-"
         print(
             f"| {r.schedule} | {r.train_loss:.3e} | {ratio} | {r.val_loss:.4f} | {100 * r.val_accuracy:.2f} % "
