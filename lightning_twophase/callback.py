@@ -105,6 +105,10 @@ class ConvexitySwapCallback(Callback):
         fallback_after_failures: consecutive line-search failures that trigger the fallback.
         fallback_loss_window: fall back when the loss at a check is above the loss this many CG-phase checks before
             (``None``: never for this reason).
+        fallback_loss_rtol: how far, relative to the earlier loss, the loss must rise to count for
+            ``fallback_loss_window``. A CG phase that has converged repeats its loss up to rounding in the epoch's
+            mean, which must not send training back to the first optimizer; raise it if the objective itself varies
+            between epochs (random augmentation).
         max_cached_bytes: a macro-batch's batches stay on the training device up to this many bytes; the rest wait in
             host memory during the iteration.
         log_figures: draw the norm-vs-loss figure (needs matplotlib) at the swap and at the end of training.
@@ -137,6 +141,7 @@ class ConvexitySwapCallback(Callback):
         fallback: bool = True,
         fallback_after_failures: int = 3,
         fallback_loss_window: int | None = 5,
+        fallback_loss_rtol: float = 1e-3,
         max_cached_bytes: int = 2 * 1024**3,
         log_figures: bool = True,
         detector: GradientNormPeakDetector | None = None,
@@ -160,6 +165,10 @@ class ConvexitySwapCallback(Callback):
             raise ValueError("ConvexitySwapCallback: `fallback_after_failures` must be at least 1.")
         if fallback_loss_window is not None and fallback_loss_window < 1:
             raise ValueError("ConvexitySwapCallback: `fallback_loss_window` must be at least 1 or None.")
+        if not (math.isfinite(fallback_loss_rtol) and fallback_loss_rtol >= 0):
+            raise ValueError(
+                f"ConvexitySwapCallback: `fallback_loss_rtol` must be a finite number >= 0, got {fallback_loss_rtol}."
+            )
         self._swap_epochs = {
             "fixed_swap_epoch": _epoch_setting("fixed_swap_epoch", fixed_swap_epoch),
             "max_swap_epoch": _epoch_setting("max_swap_epoch", max_swap_epoch),
@@ -187,6 +196,7 @@ class ConvexitySwapCallback(Callback):
         self.fallback = fallback
         self.fallback_after_failures = fallback_after_failures
         self.fallback_loss_window = fallback_loss_window
+        self.fallback_loss_rtol = fallback_loss_rtol
         self.max_cached_bytes = max_cached_bytes
         self.log_figures = log_figures
 
@@ -562,10 +572,13 @@ class ConvexitySwapCallback(Callback):
     def _check_loss_window(self, trainer: pl.Trainer) -> None:
         window = self.fallback_loss_window
         cg_losses = [r["loss"] for r in self.history if r["phase"] == "cg"]
-        if window is not None and len(cg_losses) > window and cg_losses[-1] > cg_losses[-1 - window]:
+        if window is None or len(cg_losses) <= window:
+            return
+        earlier = cg_losses[-1 - window]
+        if cg_losses[-1] > earlier + self.fallback_loss_rtol * abs(earlier):
             self._fall_back(
                 trainer,
-                f"the training loss rose over {window} CG checks ({cg_losses[-1 - window]:.4g} -> {cg_losses[-1]:.4g})",
+                f"the training loss rose over {window} CG checks ({earlier:.4g} -> {cg_losses[-1]:.4g})",
             )
 
     def _fall_back(self, trainer: pl.Trainer, reason: str) -> None:

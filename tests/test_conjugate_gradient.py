@@ -238,6 +238,24 @@ def test_failed_line_search_restores_the_start_and_restarts():
     assert optimizer.totals["line_search_failures"] == 2
 
 
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "armijo", "golden", "brent"])
+def test_no_decrease_below_the_rounding_of_the_loss_is_convergence_not_failure(line_search):
+    # 1e-9 from the minimum of 1 + |x - c|^2 / 2: the gradient (1e-9) is above tolerance_grad, but no step can lower
+    # the loss by more than 5e-19, far below its rounding (2e-16). The search finds no decrease, and that is the
+    # precision limit of the loss, not a failure of the CG phase. (Armijo's and Wolfe's tests accept a step whose
+    # value equals the start's to rounding; the value-only searches want a strict decrease.)
+    centre = torch.tensor([0.5, -0.25], dtype=torch.float64)
+    x = (centre + 1e-9).requires_grad_(True)
+    optimizer = ConjugateGradient([x], line_search=line_search)
+    loss = lambda v: 1.0 + 0.5 * (v - centre).square().sum()  # noqa: E731
+    optimizer.step(make_closure(optimizer, loss, x))
+    expected = "precision_limit" if line_search in ("golden", "brent") else "converged"
+    assert optimizer.diagnostics.line_search_status == expected
+    assert not optimizer.diagnostics.failed
+    assert optimizer.totals["line_search_failures"] == 0
+    assert float(loss(x.detach())) == 1.0
+
+
 def test_diagnostics_describe_the_step():
     x = rosenbrock_start(2).requires_grad_(True)
     optimizer = ConjugateGradient([x], beta="pr+")

@@ -11,7 +11,7 @@ from _models import TinyClassifier, blobs, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback
+from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, MacroBatchOptimizer
 
 
 class LogisticRegression(pl.LightningModule):
@@ -82,6 +82,36 @@ def test_full_batch_cg_reaches_the_optimum_in_far_fewer_epochs_than_adam():
     adam_epochs = epochs_to_reach(LogisticRegression(), None, target, 400)
     assert cg_epochs is not None and cg_epochs <= 30
     assert adam_epochs is None or adam_epochs >= 10 * cg_epochs, (cg_epochs, adam_epochs)
+
+
+class DriftingLogisticRegression(LogisticRegression):
+    """The training loss drifts up by a constant every epoch, without changing its gradient."""
+
+    def __init__(self, drift: float) -> None:
+        super().__init__()
+        self.drift = drift
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + self.drift * self.current_epoch
+
+
+@pytest.mark.parametrize(
+    ("drift", "phase"),
+    [
+        (1e-9, "cg"),  # the size of rounding in the epoch's mean: a converged CG phase must carry on
+        (1e-2, "fallback"),  # a real, sustained rise
+    ],
+)
+def test_only_a_real_rise_of_the_loss_sends_the_cg_phase_back_to_the_first_optimizer(drift, phase):
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, fallback_loss_window=5)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=30, precision="64-true"))
+    if phase == "fallback":
+        with pytest.warns(UserWarning, match="the training loss rose over 5 CG checks"):
+            trainer.fit(DriftingLogisticRegression(drift))
+    else:
+        trainer.fit(DriftingLogisticRegression(drift))
+    assert callback.phase == phase
+    assert isinstance(trainer.optimizers[0], MacroBatchOptimizer if phase == "cg" else torch.optim.Adam)
 
 
 def test_any_closure_optimizer_can_be_the_second_phase():

@@ -78,7 +78,8 @@ class StepDiagnostics:
         restarted: whether the last iteration used the steepest-descent direction.
         restart_reason: why: ``"start"``, ``"periodic"``, ``"powell"``, ``"not_descent"``, ``"beta_not_finite"``,
             ``"after_failure"`` or ``"preconditioner_changed"``; ``None`` if it did not restart.
-        line_search_status: ``"converged"``, ``"max_evals"``, ``"failed"`` or ``"not_run"`` (already converged).
+        line_search_status: ``"converged"``, ``"max_evals"``, ``"failed"``, ``"precision_limit"`` (no decrease, but
+            none the loss could resolve: converged to its precision) or ``"not_run"`` (the gradient tolerance was met).
 
     """
 
@@ -493,7 +494,21 @@ class ConjugateGradient(Optimizer):
                 torch._foreach_copy_(params, start)
                 state["has_direction"] = False
                 state["reset_reason"] = "after_failure"
-                state["total_line_search_failures"] += 1
+                # Near a minimum the possible decrease sinks below the loss's rounding: that is convergence, and a
+                # caller must not treat it as the CG phase failing (the callback would fall back to Adam).
+                # The signature: every trial finite, and at the shortest one both the first-order decrease and the
+                # change the loss showed are below the loss's rounding.
+                rounding = max(value_noise, 4 * torch.finfo(params[0].dtype).eps * abs(value0))
+                nearest = last_evaluation["nearest"]
+                if (
+                    not last_evaluation["non_finite"]
+                    and nearest is not None
+                    and -slope * nearest[0] <= rounding
+                    and abs(nearest[1] - value0) <= rounding
+                ):
+                    result = ls.LineSearchResult(0.0, value0, None, result.evaluations, ls.PRECISION_LIMIT)
+                else:
+                    state["total_line_search_failures"] += 1
             else:
                 self._move_to(params, start, direction, result.step)
                 state["has_direction"] = True
@@ -510,7 +525,7 @@ class ConjugateGradient(Optimizer):
                 restarted=restart_reason is not None, restart_reason=restart_reason,
                 line_search_status=result.status, iterations=iteration + 1,
             )  # fmt: skip
-            if result.status == ls.FAILED or iteration + 1 == options["max_iter"]:
+            if result.status in (ls.FAILED, ls.PRECISION_LIMIT) or iteration + 1 == options["max_iter"]:
                 break
             if abs(result.value - value0) < options["tolerance_change"]:
                 break
@@ -542,9 +557,11 @@ class ConjugateGradient(Optimizer):
         counts: dict[str, int],
     ) -> tuple[ls.Phi, dict[str, Any]]:
         """The objective along ``direction`` from ``start``, and a record of its last evaluation."""
-        last_evaluation: dict[str, Any] = {"step": None, "with_gradient": False}
+        # To tell convergence from failure: "nearest", (step, value) of the trial closest to the start, and whether
+        # any trial was not finite.
+        last_evaluation: dict[str, Any] = {"step": None, "with_gradient": False, "nearest": None, "non_finite": False}
 
-        def phi(t: float, need_derivative: bool) -> ls.Trial:
+        def evaluate(t: float, need_derivative: bool) -> ls.Trial:
             self._move_to(params, start, direction, t)
             last_evaluation.update(step=t, with_gradient=False)
             if need_derivative or value_closure is None:
@@ -563,6 +580,15 @@ class ConjugateGradient(Optimizer):
                 loss = value_closure()
             counts["value"] += 1
             return ls.Trial(self._mean_loss(loss), None)
+
+        def phi(t: float, need_derivative: bool) -> ls.Trial:
+            trial = evaluate(t, need_derivative)
+            nearest = last_evaluation["nearest"]
+            if not (math.isfinite(trial.value) and (trial.derivative is None or math.isfinite(trial.derivative))):
+                last_evaluation["non_finite"] = True
+            elif nearest is None or t < nearest[0]:
+                last_evaluation["nearest"] = (t, trial.value)
+            return trial
 
         return phi, last_evaluation
 

@@ -32,6 +32,9 @@ CONVERGED = "converged"
 MAX_EVALS = "max_evals"
 #: Status of a search that found no point below the starting value (``step == 0``).
 FAILED = "failed"
+#: A failed search whose smallest trial step could lower the value by no more than the value's rounding noise
+#: (first-order estimate): the start is a minimum to the precision the loss can resolve, not a failure.
+PRECISION_LIMIT = "precision_limit"
 
 _GOLDEN = (1.0 + math.sqrt(5.0)) / 2.0  # 1.618...
 _GOLDEN_FRACTION = 2.0 - _GOLDEN  # 0.381966..., the golden-section step as a fraction of the interval
