@@ -304,6 +304,23 @@ def test_compute_counts_forward_and_backward_passes():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"check_every_n_steps": 0}, "check_every_n_steps"),
+        ({"cg_phase": "epoch"}, "cg_phase"),
+        ({"preconditioner": "adam"}, "preconditioner"),
+        ({"fallback_after_failures": 0}, "fallback_after_failures"),
+        ({"fallback_loss_window": 0}, "fallback_loss_window"),
+        ({"fallback_loss_rtol": -0.1}, "fallback_loss_rtol"),
+        ({"fallback_loss_rtol": math.nan}, "fallback_loss_rtol"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_callback_is_made(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvexitySwapCallback(**kwargs)
+
+
 class TurnsNaN(TinyClassifier):
     """The loss becomes NaN from a given epoch on (a diverged model, a corrupted batch...)."""
 

@@ -98,7 +98,7 @@ class DriftingLogisticRegression(LogisticRegression):
 @pytest.mark.parametrize(
     ("drift", "phase"),
     [
-        (1e-9, "cg"),  # the size of rounding in the epoch's mean: a converged CG phase must carry on
+        (1e-9, "cg"),  # below float32 rounding of this loss: a converged CG phase must carry on
         (1e-2, "fallback"),  # a real, sustained rise
     ],
 )

@@ -98,7 +98,8 @@ class StepDiagnostics:
 
     @property
     def failed(self) -> bool:
-        """Whether the last line search found no decrease (the parameters went back to the best point seen)."""
+        """Whether the last line search failed: it found no decrease where one should have been resolvable (the
+        parameters went back to where the step began). ``"precision_limit"`` is not a failure."""
         return self.line_search_status == ls.FAILED
 
 
