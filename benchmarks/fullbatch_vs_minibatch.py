@@ -132,6 +132,12 @@ def evaluate_per_image(
     return total / len(labels), correct / len(labels), total_correct_images / len(labels)
 
 
+def training_breakdown(model: pl.LightningModule, train: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, int, float]:
+    """The training loss, the number of misclassified training images and the loss of the correctly classified."""
+    loss, accuracy, loss_correct = evaluate_per_image(model, train)
+    return loss, round((1 - accuracy) * len(train[1])), loss_correct
+
+
 def run(
     schedule: str,
     model_name: str,
@@ -152,7 +158,7 @@ def run(
     began = time.perf_counter()
     trainer.fit(model, train_dataloaders=DeviceTensorLoader(*train, batch_size=512, shuffle=True, seed=seed))
     seconds = time.perf_counter() - began
-    train_loss, train_accuracy, train_loss_correct = evaluate_per_image(model, train)
+    train_loss, train_errors, train_loss_correct = training_breakdown(model, train)
     val_loss, val_accuracy = evaluate(model, val)
     per_iteration = None
     optimizer = trainer.optimizers[0]
@@ -172,7 +178,7 @@ def run(
         seconds,
         callback.swap_epoch,
         callback.phase,
-        round((1 - train_accuracy) * len(train[1])),
+        train_errors,
         train_loss_correct,
     )
 
@@ -226,13 +232,13 @@ def run_scipy_reference(
     torch.nn.utils.vector_to_parameters(torch.from_numpy(result.x) * scale, params)
     model.float()
     seconds = time.perf_counter() - began
-    train_loss, train_accuracy, train_loss_correct = evaluate_per_image(model, train)
+    train_loss, train_errors, train_loss_correct = training_breakdown(model, train)
     val_loss, val_accuracy = evaluate(model, val)
     kind = "Adam-preconditioned scipy CG" if preconditioned else "scipy CG"
     label = f"Adam {adam_epochs} + {kind} {result.nit} iterations (reference, float64)"
     return Result(
         label, train_loss, val_loss, val_accuracy, adam_epochs + evaluations, evaluations / max(result.nit, 1),
-        seconds, adam_epochs, "scipy", round((1 - train_accuracy) * len(train[1])), train_loss_correct,
+        seconds, adam_epochs, "scipy", train_errors, train_loss_correct,
     )  # fmt: skip
 
 
@@ -306,7 +312,8 @@ def main() -> None:
         "| phase at the end | wall time |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    baseline = dict(results).get("adam")
+    by_name = dict(results)
+    baseline = by_name.get("adam")
     for _, r in results:
         ratio = ratio_rest = "-"
         if baseline is not None and r is not baseline:
@@ -325,14 +332,14 @@ def main() -> None:
     )
     if baseline is not None and baseline.swap_epoch is not None:
         print(f"\nThe callback, watching the Adam-only run, detected the swap point after epoch {baseline.swap_epoch}.")
-    full = dict(results).get("full")
+    full = by_name.get("full")
     if baseline is not None and full is not None:
         ratio = baseline.train_loss / full.train_loss
         verdict = "met" if ratio >= 4 else "NOT met"
         print(f"Target (full-batch CG >= 4x lower training loss than Adam alone): {ratio:.2f}x, {verdict}.")
         rest = compare(baseline.train_loss_correct, full.train_loss_correct)
         print(f"  On the correctly classified images alone, full-batch CG ends {rest} than Adam alone.")
-    precond = dict(results).get("full-precond")
+    precond = by_name.get("full-precond")
     if full is not None and precond is not None:
         ratio = full.train_loss / precond.train_loss
         verdict = "met" if ratio >= 100 else "NOT met"
@@ -345,7 +352,7 @@ def main() -> None:
                 f"Preconditioned validation accuracy {100 * precond.val_accuracy:.2f} % vs Adam alone "
                 f"{100 * baseline.val_accuracy:.2f} %: {'not below' if better else 'BELOW'}."
             )
-    scipy_plain, scipy_precond = dict(results).get("scipy"), dict(results).get("scipy-precond")
+    scipy_plain, scipy_precond = by_name.get("scipy"), by_name.get("scipy-precond")
     if scipy_plain is not None and scipy_precond is not None:
         ratio = compare(scipy_plain.train_loss, scipy_precond.train_loss)
         rest = compare(scipy_plain.train_loss_correct, scipy_precond.train_loss_correct)
