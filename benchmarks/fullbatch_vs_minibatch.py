@@ -8,7 +8,7 @@ gives the final training loss (on all 10,000 images), the validation loss and ac
 the compute in gradient-pass equivalents over the training set (forward = 1/3, backward = 2/3 of a gradient pass)
 and the CG phase's gradient evaluations per iteration (a forward-only trial point counts as 1/3).
 
-    python benchmarks/fullbatch_vs_minibatch.py --data-dir ../shared/datasets
+    python benchmarks/fullbatch_vs_minibatch.py --data-dir data   # MNIST is downloaded to data/ if missing
     python benchmarks/fullbatch_vs_minibatch.py --model vit-nomlp --adam-epochs 30 --cg-epochs 70   # a small ViT
 """
 
@@ -252,7 +252,9 @@ def compare(reference: float, value: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="../shared/datasets", help="folder with MNIST in torchvision's layout")
+    parser.add_argument(
+        "--data-dir", default="data", help="folder with MNIST in torchvision's layout (downloaded there if missing)"
+    )
     parser.add_argument("--model", default="mlp", help="'mlp' (the measurements' model) or an example model name")
     parser.add_argument("--train-samples", type=int, default=10000)
     parser.add_argument("--adam-epochs", type=int, default=90)

@@ -12,7 +12,7 @@ preconditioning, to stay with the paper's method. Results go to ``--out``: ``res
 paper's Table 1 format, plus the swap epoch and the compute) and the figures: gradient norm against loss per run with
 the swap marked (the paper's Fig. 5) and training loss against compute per model (Fig. 6).
 
-    python -m example_modules.reproduce --preset cpu --data-dir ../shared/datasets --out docs/reproduction
+    python -m example_modules.reproduce --preset cpu --data-dir data --out docs/reproduction
     python -m example_modules.reproduce --preset paper --data-dir data --out reproduction-paper   # a GPU
 """
 

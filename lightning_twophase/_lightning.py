@@ -1,20 +1,38 @@
 """Every place where lightning-twophase relies on Lightning behaviour beyond its documented API, in one module.
 
-``tests/test_lightning_contract.py`` checks each of these against the installed Lightning, so an upgrade that changes
-one fails loudly there instead of silently elsewhere.
+``tests/integration/test_lightning_contract.py`` checks each of these against the installed Lightning, so an upgrade
+that changes one fails loudly there instead of silently elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.core.optimizer import _configure_schedulers_automatic_opt
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.types import LRSchedulerConfig
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "TrainerSettings",
+    "batch_loss",
+    "logging_suppressed",
+    "scheduler_configs",
+    "set_callback_metric",
+    "set_optimizers",
+    "set_scheduler_configs",
+    "unsupported_settings",
+    "unsupported_strategy",
+    "uses_grad_scaler",
+]
 
 # Strategies that run the automatic optimization loop with a closure on replicated parameters. Subclasses that step
 # the optimizer themselves (DeepSpeed) or compile steps lazily (XLA) are refused by name in `unsupported_strategy`.
@@ -80,3 +98,89 @@ def scheduler_configs(scheduler: Any) -> list[LRSchedulerConfig]:
     """Turn what a ``configure_optimizers`` could return for a scheduler (a scheduler or a config dict) into configs,
     as Lightning does for ``configure_optimizers``."""
     return _configure_schedulers_automatic_opt([scheduler], None)
+
+
+def set_optimizers(trainer: pl.Trainer, optimizers: list[Optimizer]) -> None:
+    """Make ``optimizers`` the ones the training loop steps.
+
+    Only the strategy's setter re-wraps them in ``LightningOptimizer``; writing into ``trainer.optimizers`` would leave
+    the loop stepping the old optimizer through its old wrapper (a silent no-op swap).
+    """
+    trainer.strategy.optimizers = optimizers
+
+
+def set_scheduler_configs(trainer: pl.Trainer, configs: list[LRSchedulerConfig]) -> None:
+    """Replace the learning-rate schedulers the loop steps and checkpoints (a plain list on the strategy)."""
+    trainer.strategy.lr_scheduler_configs = configs
+
+
+def set_callback_metric(trainer: pl.Trainer, name: str, value: float) -> None:
+    """Put a number in ``trainer.callback_metrics``: with ``strategy="ddp_spawn"`` only those travel back to the
+    launching process."""
+    trainer.callback_metrics[name] = torch.tensor(float(value))
+
+
+def batch_loss(outputs: Any, trainer: pl.Trainer) -> Tensor | None:
+    """The loss of the batch from ``on_train_batch_end``'s ``outputs``, detached.
+
+    Lightning hands the callback the loss divided by ``accumulate_grad_batches``; this undoes the division.
+    """
+    loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+    if not isinstance(loss, Tensor):
+        return None
+    return loss.detach().float() * trainer.accumulate_grad_batches
+
+
+def unsupported_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
+    """What in this Trainer and module the CG phase cannot serve, each with the fix; empty if nothing."""
+    problems = []
+    if not pl_module.automatic_optimization:
+        problems.append(
+            "the LightningModule uses manual optimization (as several optimizers require); the CG phase replaces "
+            "a single optimizer stepped by Lightning's automatic optimization"
+        )
+    reason = unsupported_strategy(trainer.strategy)
+    if reason is not None:
+        problems.append(f"the strategy is not supported: {reason}; use a single device or strategy='ddp'")
+    if uses_grad_scaler(trainer):
+        problems.append(
+            "precision='16-mixed' scales the loss with a GradScaler, which refuses the closures a line search "
+            "needs; use precision='bf16-mixed' or '32-true'"
+        )
+    if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):  # type: ignore[attr-defined]
+        problems.append(
+            "a GradientAccumulationScheduler would re-enable gradient accumulation in the CG phase; use a fixed "
+            "`accumulate_grad_batches` (the callback sets it to 1 at the swap)"
+        )
+    return problems
+
+
+@dataclass
+class TrainerSettings:
+    """The Trainer settings the CG phase changes: ``capture`` them before the swap, ``apply`` them to install a phase.
+
+    The training loop reads all four afresh at every step, so setting them between two steps changes how the next one
+    is taken: which optimizer and schedulers step, whether gradients are clipped, how many batches are accumulated.
+    """
+
+    optimizers: list[Optimizer]
+    lr_scheduler_configs: list[LRSchedulerConfig]
+    gradient_clip_val: float | int | None
+    accumulate_grad_batches: int
+
+    @classmethod
+    def capture(cls, trainer: pl.Trainer) -> TrainerSettings:
+        """The settings the Trainer trains with now."""
+        return cls(
+            list(trainer.optimizers),
+            list(trainer.strategy.lr_scheduler_configs),
+            trainer.gradient_clip_val,
+            trainer.accumulate_grad_batches,
+        )
+
+    def apply(self, trainer: pl.Trainer) -> None:
+        """Make the Trainer train with these settings from its next step on."""
+        set_optimizers(trainer, self.optimizers)
+        set_scheduler_configs(trainer, self.lr_scheduler_configs)
+        trainer.gradient_clip_val = self.gradient_clip_val
+        trainer.accumulate_grad_batches = self.accumulate_grad_batches

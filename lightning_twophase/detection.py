@@ -4,33 +4,58 @@ The paper's hypothesis: in the non-convex region near the initial weights the gr
 falls; in the convex region around the minimum it shrinks. Its Algorithm 1 therefore keeps the running maximum
 ``gn_max`` of the gradient norm and swaps once the norm falls below ``factor * gn_max``. Feed the detector one
 ``(loss, grad_norm)`` point per check and it answers whether to swap, and why.
+
+Any object with the methods of :class:`SwapDetector` can take the place of the built-in detectors.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from lightning_twophase import tags
+
+__all__ = ["GradientNormPeakDetector", "SwapDecision", "SwapDetector"]
 
 
 @dataclass(frozen=True)
 class SwapDecision:
-    """The detector's answer for one check.
+    """A detector's answer for one check.
 
     Attributes:
         swap: whether the swap should happen now.
         reason: why (or why not), in words.
-        grad_norm: the (smoothed) gradient norm the rule compared.
-        peak: the running maximum ``gn_max`` of that norm.
-        threshold: ``factor * peak``.
+        scalars: numbers the detector wants logged with the check, by tag (see :mod:`lightning_twophase.tags`).
 
     """
 
     swap: bool
     reason: str
-    grad_norm: float
-    peak: float
-    threshold: float
+    scalars: Mapping[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class SwapDetector(Protocol):
+    """What :class:`~lightning_twophase.ConvexitySwapCallback` needs from a detector.
+
+    The callback calls :meth:`update` once per check, with numbers that are identical on every rank, and keeps the
+    detector's state in its checkpoints.
+    """
+
+    def update(self, loss: float, grad_norm: float, *, epoch: int, step: int) -> SwapDecision:
+        """Add one check: the mean training loss and gradient norm since the previous check, the number of epochs
+        trained and the global step; answer whether to swap now, and why."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to continue where the detector was."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state written by :meth:`state_dict`."""
+        ...
 
 
 class GradientNormPeakDetector:
@@ -103,7 +128,6 @@ class GradientNormPeakDetector:
         self.peak = 0.0
         self.peak_loss = math.nan
         self.peak_epoch: int | None = None
-        self.peak_step: int | None = None
         self.risen = False
         self.below_count = 0
         self.fired: SwapDecision | None = None
@@ -134,13 +158,13 @@ class GradientNormPeakDetector:
             return self.fired
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # A non-finite check says nothing about the curve; keep the state and let the run's own guards act.
-            return self._decide(False, f"non-finite check (loss {loss}, gradient norm {grad_norm}) ignored", math.nan)
+            return self._decide(False, f"non-finite check (loss {loss}, gradient norm {grad_norm}) ignored")
         smoothed = self._smooth(grad_norm)
         self.checks += 1
         if smoothed > self.peak:
             if self.checks > 1:
                 self.risen = True
-            self.peak, self.peak_loss, self.peak_epoch, self.peak_step = smoothed, loss, epoch, step
+            self.peak, self.peak_loss, self.peak_epoch = smoothed, loss, epoch
             self.below_count = 0
         elif smoothed < self.factor * self.peak:
             self.below_count += 1
@@ -149,19 +173,18 @@ class GradientNormPeakDetector:
 
         if self.fixed_swap_epoch is not None:
             if epoch >= self.fixed_swap_epoch:
-                return self._decide(True, f"the fixed swap epoch {self.fixed_swap_epoch} was reached", smoothed)
-            return self._decide(False, f"waiting for the fixed swap epoch {self.fixed_swap_epoch}", smoothed)
+                return self._decide(True, f"the fixed swap epoch {self.fixed_swap_epoch} was reached")
+            return self._decide(False, f"waiting for the fixed swap epoch {self.fixed_swap_epoch}")
         has_peak = self.risen or not self.require_rise
         if has_peak and self.below_count >= self.patience and epoch >= self.min_epochs and step >= self.min_steps:
             return self._decide(
                 True,
                 f"the gradient norm {smoothed:.4g} stayed below {self.factor} x its peak {self.peak:.4g} "
                 f"(epoch {self.peak_epoch}, loss {self.peak_loss:.4g}) for {self.below_count} check(s)",
-                smoothed,
             )
         if self.max_swap_epoch is not None and epoch >= self.max_swap_epoch:
-            return self._decide(True, f"no peak was detected by the maximum swap epoch {self.max_swap_epoch}", smoothed)
-        return self._decide(False, self._waiting_reason(smoothed, epoch, step), smoothed)
+            return self._decide(True, f"no peak was detected by the maximum swap epoch {self.max_swap_epoch}")
+        return self._decide(False, self._waiting_reason(smoothed, epoch, step))
 
     def _waiting_reason(self, smoothed: float, epoch: int, step: int) -> str:
         if smoothed >= self.peak:
@@ -176,8 +199,8 @@ class GradientNormPeakDetector:
             return f"below the threshold, but before min_epochs={self.min_epochs}"
         return f"below the threshold, but before min_steps={self.min_steps}"
 
-    def _decide(self, swap: bool, reason: str, smoothed: float) -> SwapDecision:
-        decision = SwapDecision(swap, reason, smoothed, self.peak, self.factor * self.peak)
+    def _decide(self, swap: bool, reason: str) -> SwapDecision:
+        decision = SwapDecision(swap, reason, {tags.GN_MAX: self.peak, tags.THRESHOLD: self.factor * self.peak})
         if swap:
             self.fired = decision
         return decision
@@ -189,10 +212,9 @@ class GradientNormPeakDetector:
             "peak": self.peak,
             "peak_loss": self.peak_loss,
             "peak_epoch": self.peak_epoch,
-            "peak_step": self.peak_step,
             "risen": self.risen,
             "below_count": self.below_count,
-            "fired": None if self.fired is None else vars(self.fired).copy(),
+            "fired": None if self.fired is None else {"reason": self.fired.reason, "scalars": dict(self.fired.scalars)},
             "average": self._average,
             "average_weight": self._average_weight,
         }
@@ -203,9 +225,8 @@ class GradientNormPeakDetector:
         self.peak = state["peak"]
         self.peak_loss = state["peak_loss"]
         self.peak_epoch = state["peak_epoch"]
-        self.peak_step = state["peak_step"]
         self.risen = state["risen"]
         self.below_count = state["below_count"]
-        self.fired = None if state["fired"] is None else SwapDecision(**state["fired"])
+        self.fired = None if state["fired"] is None else SwapDecision(True, **state["fired"])
         self._average = state["average"]
         self._average_weight = state["average_weight"]

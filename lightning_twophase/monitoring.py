@@ -1,10 +1,22 @@
 """What the user sees: scalars for every Lightning logger, and for TensorBoard a layout, figures and text events.
 
-matplotlib is optional: it is imported only when a figure is drawn, and without it the figures are skipped with one
-warning. Nothing here talks to processes other than rank 0 (the loggers are rank-zero only).
+The tags are defined in :mod:`lightning_twophase.tags`. matplotlib is optional: it is imported only when a figure is
+drawn, and without it the figures are skipped with one warning. Nothing here talks to processes other than rank 0
+(the loggers are rank-zero only).
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "add_custom_scalars_layout",
+    "log_figure",
+    "log_scalars",
+    "log_text",
+    "norm_vs_loss_figure",
+    "render_rgb",
+    "save_figure",
+    "write_history_csv",
+]
 
 import csv
 import math
@@ -16,35 +28,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 
+from lightning_twophase.tags import CUSTOM_SCALARS_LAYOUT
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-
-#: Prefix of every scalar this package logs.
-PREFIX = "twophase"
-PHASE_VALUES = {"first": 0.0, "cg": 1.0, "fallback": 2.0}
-
-CUSTOM_SCALARS_LAYOUT = {
-    "two-phase training": {
-        "gradient norm and loss": ["Multiline", [f"{PREFIX}/grad_norm", f"{PREFIX}/loss"]],
-        "swap rule: norm, peak and threshold": [
-            "Multiline",
-            [f"{PREFIX}/grad_norm", f"{PREFIX}/gn_max", f"{PREFIX}/threshold"],
-        ],
-        "phase (0 first, 1 CG, 2 fallback)": ["Multiline", [f"{PREFIX}/phase"]],
-        "compute (samples forward + 2 x backward)": ["Multiline", [f"{PREFIX}/compute"]],
-    },
-    "conjugate gradient": {
-        "step size and beta": ["Multiline", [f"{PREFIX}/cg/step_size", f"{PREFIX}/cg/beta"]],
-        "evaluations per iteration": [
-            "Multiline",
-            [f"{PREFIX}/cg/gradient_evaluations", f"{PREFIX}/cg/value_evaluations"],
-        ],
-        "restarts and line-search failures": [
-            "Multiline",
-            [f"{PREFIX}/cg/restarts", f"{PREFIX}/cg/line_search_failures"],
-        ],
-    },
-}
 
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
@@ -161,11 +148,13 @@ def save_figure(figure: Figure, path: str | Path) -> None:
 
 @rank_zero_only
 def write_history_csv(history: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """The checks (epoch, step, loss, gradient norm, peak, threshold, phase, compute) as CSV."""
+    """The checks (epoch, step, loss, gradient norm, phase, compute and the detector's columns) as CSV."""
     if not history:
         return
+    # The first phase's checks carry the detector's columns, the CG phase's do not: take the union, in order.
+    fields = list(dict.fromkeys(key for record in history for key in record))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0].keys()))
+        writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(history)

@@ -9,13 +9,16 @@ other randomness in ``training_step`` repeat too.
 Trial evaluations leave no trace: ``self.log`` is silenced, module buffers (batch-norm statistics) and torchmetrics
 states are restored afterwards, and DDP's gradient hooks are not involved (gradients come from
 ``torch.autograd.grad`` and are averaged across ranks here, in one collective).
+
+:class:`TrainingObjective` itself knows nothing of Lightning: it evaluates a loss function of ``(batch, batch_idx)``.
+:func:`lightning_objective` builds it for a Trainer and a LightningModule.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,10 +26,15 @@ import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_twophase._lightning import logging_suppressed
 from lightning_twophase.optim.distributed import all_reduce_mean_, is_distributed, reduce_decision_scalars
+
+__all__ = ["TrainingObjective", "batch_nbytes", "lightning_objective", "training_step_loss"]
+
+#: ``loss_fn(batch, batch_idx)``: the loss of one stored batch, or ``None`` to skip it.
+LossFunction = Callable[[Any, int], "Tensor | None"]
 
 
 def batch_nbytes(batch: Any) -> int:
@@ -54,37 +62,48 @@ def training_step_loss(output: Any) -> Tensor | None:
 
 
 class TrainingObjective:
-    """The size-weighted mean of ``training_step``'s loss over stored batches, with its gradient.
+    """The size-weighted mean of a loss function over stored batches, with its gradient.
 
     Args:
-        trainer: the running Trainer (for the precision context and the device).
-        pl_module: the LightningModule whose ``training_step`` defines the loss.
+        loss_fn: the loss of one batch, ``loss_fn(batch, batch_idx)`` (``None`` skips the batch).
         params: the parameters the optimizer updates (gradients are computed for these).
+        module: the module whose buffers and torchmetrics states trial evaluations must not change.
+        device: the training device (kept batches live there, and the random state forked there).
+        to_device: moves a batch kept in host memory back to the device.
+        rank: this process's rank (part of the per-batch seeds).
         max_device_bytes: batches are kept on the training device while their total stays within this bound; the
             rest wait in host memory and are copied back for each evaluation.
         seed: base of the per-batch random seeds.
+        quiet: a context manager factory under which trial evaluations run (``self.log`` silenced, for instance).
 
     """
 
     def __init__(
         self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
+        loss_fn: LossFunction,
         params: list[Tensor],
-        max_device_bytes: int,
-        seed: int,
+        module: nn.Module,
+        *,
+        device: torch.device | str = "cpu",
+        to_device: Callable[[Any], Any] | None = None,
+        rank: int = 0,
+        max_device_bytes: int = 2 * 1024**3,
+        seed: int = 0,
+        quiet: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
-        self.trainer = trainer
-        self.pl_module = pl_module
+        self.loss_fn = loss_fn
         self.params = [p for p in params if p.requires_grad]
+        self.module = module
+        self.device = torch.device(device)
+        self.to_device = to_device or (lambda batch: apply_to_collection(batch, Tensor, lambda t: t.to(self.device)))
+        self.rank = rank
         self.max_device_bytes = max_device_bytes
         self.seed = seed
+        self.quiet = quiet
         self.iteration = 0
         self._batches: list[tuple[Any, int, int, bool]] = []  # (batch, batch_idx, size, on_device)
         self._device_bytes = 0
         self._start_loss: float | None = None
-        # The same rule as Lightning's training loop: pass batch_idx if training_step takes a second argument.
-        self._passes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
         #: Samples passed forward and backward by trial evaluations (for compute accounting).
         self.forward_samples = 0
         self.backward_samples = 0
@@ -122,9 +141,8 @@ class TrainingObjective:
     @contextmanager
     def seeded(self, position: int) -> Iterator[None]:
         """Run with the random state of the batch at ``position`` in this iteration (same at every trial point)."""
-        rank = self.trainer.global_rank
-        key = f"{self.seed}:{self.iteration}:{position}:{rank}".encode()
-        device = self.trainer.strategy.root_device
+        key = f"{self.seed}:{self.iteration}:{position}:{self.rank}".encode()
+        device = self.device
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
             torch.manual_seed(zlib.crc32(key))
@@ -144,10 +162,9 @@ class TrainingObjective:
     def _loss_on(self, position: int) -> tuple[Tensor | None, int]:
         batch, batch_idx, size, on_device = self._batches[position]
         if not on_device:
-            batch = self.trainer.strategy.batch_to_device(batch)
-        args = (batch, batch_idx) if self._passes_batch_idx else (batch,)
-        with self.seeded(position), self.trainer.precision_plugin.train_step_context():
-            loss = training_step_loss(self.pl_module.training_step(*args))
+            batch = self.to_device(batch)
+        with self.seeded(position):
+            loss = self.loss_fn(batch, batch_idx)
         return loss, size
 
     def global_mean(self, total: Tensor, count: int) -> Tensor:
@@ -159,7 +176,7 @@ class TrainingObjective:
 
     def value(self) -> Tensor:
         """The mean loss over the stored batches (forward passes only, no autograd graph)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.trainer.strategy.root_device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         with torch.no_grad():
             for position in range(len(self._batches)):
@@ -177,7 +194,7 @@ class TrainingObjective:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad.zero_()
-        total = torch.zeros((), dtype=torch.float64, device=self.trainer.strategy.root_device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         weights_total = self.num_samples
         for position in range(len(self._batches)):
@@ -214,11 +231,10 @@ class TrainingObjective:
     @contextmanager
     def side_effects_suspended(self) -> Iterator[None]:
         """Run trial evaluations without leaving a trace in logs, module buffers or torchmetrics states."""
-        buffers = [b for b in self.pl_module.buffers() if b is not None]
+        buffers = [b for b in self.module.buffers() if b is not None]
         saved_buffers = [b.detach().clone() for b in buffers]
-        metric_states = _metric_states(self.pl_module)
-        with ExitStack() as stack:
-            stack.enter_context(logging_suppressed(self.pl_module))
+        metric_states = _metric_states(self.module)
+        with self.quiet():
             try:
                 yield
             finally:
@@ -226,6 +242,32 @@ class TrainingObjective:
                     for buffer, saved in zip(buffers, saved_buffers):
                         buffer.copy_(saved)
                 _restore_metric_states(metric_states)
+
+
+def lightning_objective(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], max_device_bytes: int, seed: int
+) -> TrainingObjective:
+    """The mean of ``pl_module.training_step``'s loss over kept batches, evaluated as the training loop would: in the
+    precision plugin's context, on the strategy's device, with ``self.log`` silenced at trial points."""
+    # The same rule as Lightning's training loop: pass batch_idx if training_step takes a second argument.
+    passes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+
+    def loss_fn(batch: Any, batch_idx: int) -> Tensor | None:
+        args = (batch, batch_idx) if passes_batch_idx else (batch,)
+        with trainer.precision_plugin.train_step_context():
+            return training_step_loss(pl_module.training_step(*args))
+
+    return TrainingObjective(
+        loss_fn,
+        params,
+        pl_module,
+        device=trainer.strategy.root_device,
+        to_device=trainer.strategy.batch_to_device,
+        rank=trainer.global_rank,
+        max_device_bytes=max_device_bytes,
+        seed=seed,
+        quiet=lambda: logging_suppressed(pl_module),
+    )
 
 
 def _metric_states(module: torch.nn.Module) -> list[tuple[Any, dict[str, Any]]]:

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+__all__ = ["second_moment_preconditioner"]
+
 
 def second_moment_preconditioner(optimizer: Optimizer) -> list[Tensor] | None:
     """``P = 1 / (sqrt(v_hat) + eps)`` per parameter, normalised to mean 1, from an Adam-like optimizer's state.

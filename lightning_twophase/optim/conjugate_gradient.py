@@ -25,7 +25,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_twophase.optim import line_search as ls
-from lightning_twophase.optim.distributed import is_distributed, reduce_decision_scalars
+from lightning_twophase.optim.distributed import DecisionReducer
+
+__all__ = ["BETA_FORMULAS", "LINE_SEARCHES", "ConjugateGradient", "NonFiniteObjectiveError", "StepDiagnostics"]
 
 #: Canonical names of the direction-update (beta) formulas, with their short aliases.
 BETA_FORMULAS: dict[str, str] = {
@@ -45,7 +47,6 @@ BETA_FORMULAS: dict[str, str] = {
 
 #: The line searches; ``strong_wolfe`` evaluates gradients at trial points, the others only values.
 LINE_SEARCHES: tuple[str, ...] = ("strong_wolfe", "armijo", "golden", "brent")
-VALUE_ONLY_LINE_SEARCHES: frozenset[str] = frozenset({"armijo", "golden", "brent"})
 
 _DEFAULT_MAX_EVALS = {"strong_wolfe": 25, "armijo": 20, "golden": 40, "brent": 20}
 # Hager and Zhang's lower bound on beta: max(beta, -1 / (|d| min(eta, |g_prev|))).
@@ -55,6 +56,20 @@ _SUFFICIENT_DESCENT = 1e-3
 # Powell's restart test |g . g_prev| >= 0.2 |g|^2, on by default for the formulas that jam without it.
 _POWELL_THRESHOLD = 0.2
 _JAMMING_FORMULAS = frozenset({"fletcher_reeves", "dai_yuan"})
+# The scalars of the whole optimizer (kept in the first parameter's state, as torch.optim.LBFGS does).
+_INITIAL_GLOBAL_STATE: dict[str, Any] = {
+    "iterations": 0,
+    "iterations_since_restart": 0,
+    "has_direction": False,
+    "prev_step": None,
+    "prev_slope": None,
+    "prev_gz": None,
+    "reset_reason": None,
+    "total_value_evaluations": 0,
+    "total_gradient_evaluations": 0,
+    "total_restarts": 0,
+    "total_line_search_failures": 0,
+}
 
 
 class NonFiniteObjectiveError(FloatingPointError):
@@ -191,68 +206,32 @@ class ConjugateGradient(Optimizer):
         sharded: bool = False,
         process_group: dist.ProcessGroup | None = None,
     ) -> None:
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"ConjugateGradient: `lr` (the first trial step) must be positive, got {lr}.")
-        beta_name = BETA_FORMULAS.get(str(beta).lower())
-        if beta_name is None:
-            raise ValueError(
-                f"ConjugateGradient: unknown `beta={beta!r}`. Choose one of {sorted(set(BETA_FORMULAS.values()))} "
-                f"or their aliases {sorted(k for k in BETA_FORMULAS if k not in BETA_FORMULAS.values())}."
-            )
-        if line_search not in LINE_SEARCHES:
-            raise ValueError(
-                f"ConjugateGradient: unknown `line_search={line_search!r}`. Choose one of {LINE_SEARCHES}."
-            )
-        if max_iter < 1:
-            raise ValueError(f"ConjugateGradient: `max_iter` must be at least 1, got {max_iter}.")
-        if max_evals is not None and max_evals < 1:
-            raise ValueError(f"ConjugateGradient: `max_evals` must be at least 1, got {max_evals}.")
-        if restart_every is not None and restart_every < 1:
-            raise ValueError(f"ConjugateGradient: `restart_every` must be at least 1 or None, got {restart_every}.")
-        if not 0 < c1 < 1 or (line_search == "strong_wolfe" and not c1 < c2 < 1):
-            raise ValueError(f"ConjugateGradient: need 0 < c1 < c2 < 1, got c1={c1}, c2={c2}.")
-        if not 0 <= value_tolerance < 1:
-            raise ValueError(f"ConjugateGradient: `value_tolerance` must lie in [0, 1), got {value_tolerance}.")
-        if not 0 < line_search_tolerance < 1:
-            raise ValueError(
-                f"ConjugateGradient: `line_search_tolerance` must lie in (0, 1), got {line_search_tolerance}."
-            )
-        defaults = {
-            "lr": lr,
-            "beta": beta_name,
-            "line_search": line_search,
-            "max_iter": max_iter,
-            "max_evals": max_evals if max_evals is not None else _DEFAULT_MAX_EVALS[line_search],
-            "restart_every": restart_every,
-            "powell_restart": powell_restart,
-            "tolerance_grad": tolerance_grad,
-            "tolerance_change": tolerance_change,
-            "c1": c1,
-            "c2": c2,
-            "line_search_tolerance": line_search_tolerance,
-            "value_tolerance": value_tolerance,
-        }
+        defaults = _checked_options(
+            {
+                "lr": lr,
+                "beta": beta,
+                "line_search": line_search,
+                "max_iter": max_iter,
+                "max_evals": max_evals,
+                "restart_every": restart_every,
+                "powell_restart": powell_restart,
+                "tolerance_grad": tolerance_grad,
+                "tolerance_change": tolerance_change,
+                "c1": c1,
+                "c2": c2,
+                "line_search_tolerance": line_search_tolerance,
+                "value_tolerance": value_tolerance,
+            }
+        )
         super().__init__(params, defaults)
-        for index, group in enumerate(self.param_groups):
-            overridden = {key: group[key] for key in defaults if group[key] != defaults[key]}
-            if overridden:
-                raise ValueError(
-                    "ConjugateGradient searches all parameters along one direction with one step, so options are "
-                    f"global; parameter group {index} overrides {overridden}. Pass them to the constructor instead."
-                )
-            for p in group["params"]:
-                if p.is_sparse:
-                    raise ValueError("ConjugateGradient does not support sparse parameters.")
+        _check_groups(self.param_groups, defaults)
         self.sharded = sharded
         self.process_group = process_group
+        self._reduce = DecisionReducer(sharded, process_group)
         self._start_point: list[Tensor] | None = None
         self.diagnostics: StepDiagnostics | None = None
         if preconditioner is not None:
             self.set_preconditioner(preconditioner)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Parameters, state and small vector helpers
-    # ------------------------------------------------------------------------------------------------------------
 
     @property
     def _params(self) -> list[Tensor]:
@@ -263,19 +242,7 @@ class ConjugateGradient(Optimizer):
         # the standard state_dict() / load_state_dict() carry them.
         state = self.state[self._params[0]]
         if "iterations" not in state:
-            state.update(
-                iterations=0,
-                iterations_since_restart=0,
-                has_direction=False,
-                prev_step=None,
-                prev_slope=None,
-                prev_gz=None,
-                reset_reason=None,
-                total_value_evaluations=0,
-                total_gradient_evaluations=0,
-                total_restarts=0,
-                total_line_search_failures=0,
-            )
+            state.update(_INITIAL_GLOBAL_STATE)
         return state
 
     def _buffer(self, name: str) -> list[Tensor]:
@@ -311,78 +278,11 @@ class ConjugateGradient(Optimizer):
             for p in params:
                 self.state[p].pop("preconditioner", None)
         else:
-            preconditioner = list(preconditioner)
-            if len(preconditioner) != len(params):
-                raise ValueError(
-                    f"ConjugateGradient: the preconditioner has {len(preconditioner)} tensors for {len(params)} "
-                    "parameters; pass one tensor per parameter, in the order of the parameter groups."
-                )
-            for index, (p, diagonal) in enumerate(zip(params, preconditioner)):
-                if diagonal.shape != p.shape:
-                    raise ValueError(
-                        f"ConjugateGradient: preconditioner tensor {index} has shape {tuple(diagonal.shape)}, "
-                        f"its parameter {tuple(p.shape)}."
-                    )
-                if not bool(torch.isfinite(diagonal).all()) or not bool((diagonal > 0).all()):
-                    raise ValueError(
-                        f"ConjugateGradient: preconditioner tensor {index} must be positive and finite everywhere."
-                    )
-            for p, diagonal in zip(params, preconditioner):
+            for p, diagonal in zip(params, _checked_preconditioner(params, preconditioner)):
                 self.state[p]["preconditioner"] = diagonal.detach().to(dtype=p.dtype, device=p.device).clone()
         state = self._global_state()
         if state["has_direction"]:
             state.update(has_direction=False, reset_reason="preconditioner_changed")
-
-    @staticmethod
-    def _gradients(params: list[Tensor]) -> list[Tensor]:
-        grads = []
-        for p in params:
-            if p.grad is None:
-                grads.append(torch.zeros_like(p))
-            elif p.grad.is_sparse:
-                raise RuntimeError("ConjugateGradient does not support sparse gradients.")
-            else:
-                grads.append(p.grad)
-        return grads
-
-    @staticmethod
-    def _local_dot(a: list[Tensor], b: list[Tensor], weight: list[Tensor] | None = None) -> Tensor:
-        """``sum_i a_i . (w_i * b_i)`` over parameter tensors, accumulated in at least float32."""
-        parts = []
-        device = a[0].device
-        for index, (x, y) in enumerate(zip(a, b)):
-            if weight is not None:
-                y = y * weight[index]
-            x, y = x.reshape(-1), y.reshape(-1)
-            if x.dtype in (torch.float16, torch.bfloat16):
-                x, y = x.float(), y.float()
-            parts.append(torch.dot(x, y).to(device=device, dtype=torch.float64))
-        return torch.stack(parts).sum()
-
-    def _dots(self, pairs: list[tuple[list[Tensor], list[Tensor], list[Tensor] | None]]) -> list[float]:
-        """Several dot products with one host synchronisation (and one all-reduce when sharded)."""
-        local = torch.stack([self._local_dot(a, b, w) for a, b, w in pairs])
-        if self.sharded:
-            _, local = reduce_decision_scalars(local[:0], local, self.process_group)
-            assert local is not None
-        return local.tolist()
-
-    def _mean_loss(self, loss: Tensor | float) -> float:
-        """The loss averaged over ranks (each rank evaluates its own data shard)."""
-        loss_tensor = torch.as_tensor(loss).detach().reshape(1)
-        if is_distributed(self.process_group):
-            loss_tensor, _ = reduce_decision_scalars(loss_tensor.to(torch.float64), None, self.process_group)
-        return float(loss_tensor.item())
-
-    def _move_to(self, params: list[Tensor], start: list[Tensor], direction: list[Tensor], step: float) -> None:
-        # Always rebuilt from the start point, so a point is reproduced bitwise whenever it is revisited.
-        torch._foreach_copy_(params, start)
-        if step != 0.0:
-            torch._foreach_add_(params, direction, alpha=step)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # The step
-    # ------------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -421,33 +321,19 @@ class ConjugateGradient(Optimizer):
         gradient_evals += 1
         if first_loss is None:
             return None
-        value0 = self._mean_loss(first_loss)
+        value0 = self._reduce.mean(first_loss)
 
         diagnostics: dict[str, Any] = {}
         start_loss = value0
         start_grad_norm = math.nan
         for iteration in range(options["max_iter"]):
-            grads = self._gradients(params)
+            grads = _gradients(params)
             direction = self._buffer("direction")
             prev_pgrad = self._buffer("prev_pgrad")
-            want_norm_of_direction = options["beta"] == "hager_zhang" and state["has_direction"]
-            pairs: list[tuple[list[Tensor], list[Tensor], list[Tensor] | None]] = [
-                (grads, grads, preconditioner),  # g . P g
-                (grads, prev_pgrad, None),  # g . P g_prev
-                (grads, direction, None),  # g . d_prev
-            ]
-            if want_norm_of_direction:
-                inverse = None if preconditioner is None else torch._foreach_reciprocal(preconditioner)
-                pairs.append((direction, direction, inverse))  # |d_prev|^2 in the rescaled variables
-            dots = self._dots(pairs)
+            with_direction_norm = options["beta"] == "hager_zhang" and state["has_direction"]
+            dots = _iteration_dots(grads, prev_pgrad, direction, preconditioner, with_direction_norm, self._reduce)
             gz, gzp, gd = dots[0], dots[1], dots[2]
-            if not (math.isfinite(value0) and math.isfinite(gz)):
-                what = "loss" if not math.isfinite(value0) else "gradient"
-                raise NonFiniteObjectiveError(
-                    f"ConjugateGradient: the {what} is not finite where the step starts (loss {value0}, squared "
-                    f"gradient norm {gz}); the parameters were left unchanged. Check the data and the model for "
-                    "overflow, or start the CG phase from a point where the loss is finite."
-                )
+            _check_finite_start(value0, gz)
             grad_norm = math.sqrt(gz)
             if iteration == 0:
                 start_grad_norm = grad_norm
@@ -458,69 +344,35 @@ class ConjugateGradient(Optimizer):
                 )  # fmt: skip
                 break
 
-            beta, slope, restart_reason = self._direction_coefficients(state, options, gz, gzp, gd, dots)
-            # d = beta d_prev - P g, in place; then remember P g for the next beta.
-            if restart_reason is None:
-                torch._foreach_mul_(direction, beta)
-            else:
-                torch._foreach_zero_(direction)
-            if preconditioner is None:
-                torch._foreach_sub_(direction, grads)
-                torch._foreach_copy_(prev_pgrad, grads)
-            else:
-                torch._foreach_addcmul_(direction, preconditioner, grads, value=-1.0)
-                torch._foreach_copy_(prev_pgrad, grads)
-                torch._foreach_mul_(prev_pgrad, preconditioner)
+            beta, slope, restart_reason = _direction_coefficients(state, options, gz, gzp, gd, dots)
+            _update_direction(direction, prev_pgrad, grads, preconditioner, beta)  # beta = 0 on restarts
 
-            initial_step = self._initial_step(state, options["lr"], slope, grad_norm)
+            initial_step = _initial_step(state, options["lr"], slope, grad_norm)
             if self._start_point is None or len(self._start_point) != len(params):
                 self._start_point = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
             start = self._start_point
             torch._foreach_copy_(start, params)
 
-            counts = {"value": 0, "gradient": 0}
-            phi, last_evaluation = self._line_function(params, start, direction, closure, value_closure, counts)
+            phi = _LineFunction(params, start, direction, closure, value_closure, self._reduce)
             value_noise = options["value_tolerance"] * abs(value0)
             try:
-                result = self._search(phi, options, value0, slope, initial_step, max_evals, value_noise)
+                result = _search(phi, options, value0, slope, initial_step, max_evals, value_noise)
             except BaseException:
                 # Whatever the closure raised, leave the parameters where the step began.
                 torch._foreach_copy_(params, start)
                 raise
             finally:
-                value_evals += counts["value"]
-                gradient_evals += counts["gradient"]
+                value_evals += phi.value_evaluations
+                gradient_evals += phi.gradient_evaluations
 
             if result.status == ls.FAILED:
                 torch._foreach_copy_(params, start)
-                state["has_direction"] = False
-                state["reset_reason"] = "after_failure"
-                # Near a minimum the possible decrease sinks below the loss's rounding: that is convergence, and a
-                # caller must not treat it as the CG phase failing (the callback would fall back to Adam).
-                # The signature: every trial finite, and at the shortest one both the first-order decrease and the
-                # change the loss showed are below the loss's rounding.
                 rounding = max(value_noise, 4 * torch.finfo(params[0].dtype).eps * abs(value0))
-                nearest = last_evaluation["nearest"]
-                if (
-                    not last_evaluation["non_finite"]
-                    and nearest is not None
-                    and -slope * nearest[0] <= rounding
-                    and abs(nearest[1] - value0) <= rounding
-                ):
+                if _at_precision_limit(phi, value0, slope, rounding):
                     result = ls.LineSearchResult(0.0, value0, None, result.evaluations, ls.PRECISION_LIMIT)
-                else:
-                    state["total_line_search_failures"] += 1
             else:
-                self._move_to(params, start, direction, result.step)
-                state["has_direction"] = True
-                state["prev_step"] = result.step
-                state["prev_slope"] = slope
-            state["prev_gz"] = gz
-            state["iterations"] += 1
-            state["iterations_since_restart"] = 0 if restart_reason is not None else state["iterations_since_restart"]
-            state["iterations_since_restart"] += 1
-            if restart_reason is not None:
-                state["total_restarts"] += 1
+                _move_to(params, start, direction, result.step)
+            _advance_state(state, result, slope, gz, restart_reason)
             diagnostics = dict(
                 new_loss=result.value, step_size=result.step, beta=beta, slope=slope,
                 restarted=restart_reason is not None, restart_reason=restart_reason,
@@ -532,10 +384,10 @@ class ConjugateGradient(Optimizer):
                 break
             # Next iteration: reuse the gradient if the last trial was the accepted point, else re-evaluate.
             value0 = result.value
-            if not (last_evaluation["with_gradient"] and last_evaluation["step"] == result.step):
+            if not (phi.last_with_gradient and phi.last_step == result.step):
                 loss = closure()
                 gradient_evals += 1
-                value0 = self._mean_loss(loss) if loss is not None else value0
+                value0 = self._reduce.mean(loss) if loss is not None else value0
 
         state["total_value_evaluations"] += value_evals
         state["total_gradient_evaluations"] += gradient_evals
@@ -547,120 +399,6 @@ class ConjugateGradient(Optimizer):
             **diagnostics,
         )
         return first_loss
-
-    def _line_function(
-        self,
-        params: list[Tensor],
-        start: list[Tensor],
-        direction: list[Tensor],
-        closure: Callable[[], Tensor | float | None],
-        value_closure: Callable[[], Tensor | float] | None,
-        counts: dict[str, int],
-    ) -> tuple[ls.Phi, dict[str, Any]]:
-        """The objective along ``direction`` from ``start``, and a record of its last evaluation."""
-        # To tell convergence from failure: "nearest", (step, value) of the trial closest to the start, and whether
-        # any trial was not finite.
-        last_evaluation: dict[str, Any] = {"step": None, "with_gradient": False, "nearest": None, "non_finite": False}
-
-        def evaluate(t: float, need_derivative: bool) -> ls.Trial:
-            self._move_to(params, start, direction, t)
-            last_evaluation.update(step=t, with_gradient=False)
-            if need_derivative or value_closure is None:
-                loss = closure()
-                counts["gradient"] += 1
-                if loss is None:
-                    raise RuntimeError("ConjugateGradient: the closure returned None at a line-search trial point.")
-                local_slope = self._local_dot(self._gradients(params), direction).reshape(1)
-                value = self._mean_loss(loss)
-                if self.sharded:
-                    _, local_slope = reduce_decision_scalars(local_slope[:0], local_slope, self.process_group)
-                    assert local_slope is not None
-                last_evaluation["with_gradient"] = True
-                return ls.Trial(value, float(local_slope.item()))
-            with torch.no_grad():
-                loss = value_closure()
-            counts["value"] += 1
-            return ls.Trial(self._mean_loss(loss), None)
-
-        def phi(t: float, need_derivative: bool) -> ls.Trial:
-            trial = evaluate(t, need_derivative)
-            nearest = last_evaluation["nearest"]
-            if not (math.isfinite(trial.value) and (trial.derivative is None or math.isfinite(trial.derivative))):
-                last_evaluation["non_finite"] = True
-            elif nearest is None or t < nearest[0]:
-                last_evaluation["nearest"] = (t, trial.value)
-            return trial
-
-        return phi, last_evaluation
-
-    def _direction_coefficients(
-        self, state: dict[str, Any], options: dict[str, Any], gz: float, gzp: float, gd: float, dots: list[float]
-    ) -> tuple[float, float, str | None]:
-        """Return ``(beta, slope, restart_reason)`` for the new direction ``beta d_prev - P g``."""
-        if not state["has_direction"]:
-            return 0.0, -gz, state.get("reset_reason") or "start"
-        restart_every = options["restart_every"]
-        if restart_every is not None and state["iterations_since_restart"] >= restart_every:
-            return 0.0, -gz, "periodic"
-        powell = options["powell_restart"]
-        if powell is None:
-            powell = options["beta"] in _JAMMING_FORMULAS
-        if powell and abs(gzp) >= _POWELL_THRESHOLD * gz:
-            # Successive gradients far from orthogonal: the directions have lost conjugacy (Powell, 1977).
-            return 0.0, -gz, "powell"
-        prev_gz, prev_slope = state["prev_gz"], state["prev_slope"]
-        # y = g - g_prev; in the rescaled variables y . P g = gz - gzp and d_prev . y = gd - prev_slope.
-        y_pg = gz - gzp
-        d_y = gd - prev_slope
-        beta = _beta(options["beta"], gz=gz, prev_gz=prev_gz, y_pg=y_pg, d_y=d_y, gzp=gzp, gd=gd, dots=dots)
-        if not math.isfinite(beta):
-            return 0.0, -gz, "beta_not_finite"
-        slope = beta * gd - gz
-        if not slope < -_SUFFICIENT_DESCENT * gz:
-            return 0.0, -gz, "not_descent"
-        return beta, slope, None
-
-    @staticmethod
-    def _initial_step(state: dict[str, Any], lr: float, slope: float, grad_norm: float) -> float:
-        prev_step, prev_slope = state["prev_step"], state["prev_slope"]
-        if prev_step is not None and prev_slope is not None:
-            # Assume the first-order change is the same as in the previous iteration (Nocedal & Wright, 3.60).
-            guess = prev_step * prev_slope / slope
-            if math.isfinite(guess) and guess > 0:
-                return guess
-        return lr * min(1.0, 1.0 / grad_norm)
-
-    @staticmethod
-    def _search(
-        phi: ls.Phi,
-        options: dict[str, Any],
-        value0: float,
-        slope: float,
-        initial_step: float,
-        max_evals: int,
-        value_noise: float,
-    ) -> ls.LineSearchResult:
-        name = options["line_search"]
-        if name == "strong_wolfe":
-            return ls.strong_wolfe(
-                phi,
-                value0,
-                slope,
-                initial_step,
-                c1=options["c1"],
-                c2=options["c2"],
-                max_evals=max_evals,
-                value_noise=value_noise,
-            )
-        if name == "armijo":
-            return ls.armijo(phi, value0, slope, initial_step, c1=options["c1"], max_evals=max_evals)
-        if name == "golden":
-            return ls.golden_section(
-                phi, value0, slope, initial_step, tolerance=options["line_search_tolerance"], max_evals=max_evals
-            )
-        return ls.brent(
-            phi, value0, slope, initial_step, tolerance=options["line_search_tolerance"], max_evals=max_evals
-        )
 
     @property
     def totals(self) -> dict[str, int]:
@@ -703,3 +441,320 @@ def _beta(
     beta = _ratio(y_pg, d_y) - 2.0 * _ratio(y_py * gd, d_y * d_y)
     lower = _ratio(-1.0, math.sqrt(max(dots[3], 0.0)) * min(_HAGER_ZHANG_ETA, math.sqrt(max(prev_gz, 0.0))))
     return max(beta, lower) if math.isfinite(lower) else beta
+
+
+def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The options with the formula's canonical name and the search's default ``max_evals``, after checking each
+    (an error names the option and its valid range)."""
+    lr, beta, line_search = options["lr"], options["beta"], options["line_search"]
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"ConjugateGradient: `lr` (the first trial step) must be positive, got {lr}.")
+    beta_name = BETA_FORMULAS.get(str(beta).lower())
+    if beta_name is None:
+        raise ValueError(
+            f"ConjugateGradient: unknown `beta={beta!r}`. Choose one of {sorted(set(BETA_FORMULAS.values()))} "
+            f"or their aliases {sorted(k for k in BETA_FORMULAS if k not in BETA_FORMULAS.values())}."
+        )
+    if line_search not in LINE_SEARCHES:
+        raise ValueError(f"ConjugateGradient: unknown `line_search={line_search!r}`. Choose one of {LINE_SEARCHES}.")
+    for name in ("max_iter", "max_evals", "restart_every"):
+        value = options[name]
+        if (value is not None or name == "max_iter") and value < 1:
+            extra = "" if name in ("max_iter", "max_evals") else " or None"
+            raise ValueError(f"ConjugateGradient: `{name}` must be at least 1{extra}, got {value}.")
+    c1, c2 = options["c1"], options["c2"]
+    if not 0 < c1 < 1 or (line_search == "strong_wolfe" and not c1 < c2 < 1):
+        raise ValueError(f"ConjugateGradient: need 0 < c1 < c2 < 1, got c1={c1}, c2={c2}.")
+    if not 0 <= options["value_tolerance"] < 1:
+        raise ValueError(f"ConjugateGradient: `value_tolerance` must lie in [0, 1), got {options['value_tolerance']}.")
+    if not 0 < options["line_search_tolerance"] < 1:
+        raise ValueError(
+            f"ConjugateGradient: `line_search_tolerance` must lie in (0, 1), got {options['line_search_tolerance']}."
+        )
+    max_evals = options["max_evals"] if options["max_evals"] is not None else _DEFAULT_MAX_EVALS[line_search]
+    return {**options, "beta": beta_name, "max_evals": max_evals}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pieces of an iteration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gradients(params: list[Tensor]) -> list[Tensor]:
+    grads = []
+    for p in params:
+        if p.grad is None:
+            grads.append(torch.zeros_like(p))
+        elif p.grad.is_sparse:
+            raise RuntimeError("ConjugateGradient does not support sparse gradients.")
+        else:
+            grads.append(p.grad)
+    return grads
+
+
+def _local_dot(a: list[Tensor], b: list[Tensor], weight: list[Tensor] | None = None) -> Tensor:
+    """``sum_i a_i . (w_i * b_i)`` over parameter tensors, accumulated in at least float32."""
+    parts = []
+    device = a[0].device
+    for index, (x, y) in enumerate(zip(a, b)):
+        if weight is not None:
+            y = y * weight[index]
+        x, y = x.reshape(-1), y.reshape(-1)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x, y = x.float(), y.float()
+        parts.append(torch.dot(x, y).to(device=device, dtype=torch.float64))
+    return torch.stack(parts).sum()
+
+
+def _move_to(params: list[Tensor], start: list[Tensor], direction: list[Tensor], step: float) -> None:
+    # Always rebuilt from the start point, so a point is reproduced bitwise whenever it is revisited.
+    torch._foreach_copy_(params, start)
+    if step != 0.0:
+        torch._foreach_add_(params, direction, alpha=step)
+
+
+class _LineFunction:
+    """The objective along ``direction`` from ``start``: ``phi(t, need_derivative)`` for the line searches.
+
+    It counts its evaluations and remembers what the step needs afterwards: whether the last evaluation computed a
+    gradient (reused by the next iteration) and, to tell convergence from failure, the finite trial closest to the
+    start and whether any trial was not finite.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        start: list[Tensor],
+        direction: list[Tensor],
+        closure: Callable[[], Tensor | float | None],
+        value_closure: Callable[[], Tensor | float] | None,
+        reduce: DecisionReducer,
+    ) -> None:
+        self.params, self.start, self.direction = params, start, direction
+        self.closure, self.value_closure = closure, value_closure
+        self.reduce = reduce
+        self.value_evaluations = self.gradient_evaluations = 0
+        self.last_step: float | None = None
+        self.last_with_gradient = False
+        self.nearest: tuple[float, float] | None = None  # (step, value)
+        self.non_finite = False
+
+    def __call__(self, t: float, need_derivative: bool) -> ls.Trial:
+        trial = self._evaluate(t, need_derivative)
+        if not (math.isfinite(trial.value) and (trial.derivative is None or math.isfinite(trial.derivative))):
+            self.non_finite = True
+        elif self.nearest is None or t < self.nearest[0]:
+            self.nearest = (t, trial.value)
+        return trial
+
+    def _evaluate(self, t: float, need_derivative: bool) -> ls.Trial:
+        _move_to(self.params, self.start, self.direction, t)
+        self.last_step, self.last_with_gradient = t, False
+        if need_derivative or self.value_closure is None:
+            loss = self.closure()
+            self.gradient_evaluations += 1
+            if loss is None:
+                raise RuntimeError("ConjugateGradient: the closure returned None at a line-search trial point.")
+            local_slope = _local_dot(_gradients(self.params), self.direction).reshape(1)
+            value = self.reduce.mean(loss)
+            slope = self.reduce.dots(local_slope)
+            self.last_with_gradient = True
+            return ls.Trial(value, float(slope.item()))
+        with torch.no_grad():
+            loss = self.value_closure()
+        self.value_evaluations += 1
+        return ls.Trial(self.reduce.mean(loss), None)
+
+
+def _direction_coefficients(
+    state: dict[str, Any], options: dict[str, Any], gz: float, gzp: float, gd: float, dots: list[float]
+) -> tuple[float, float, str | None]:
+    """Return ``(beta, slope, restart_reason)`` for the new direction ``beta d_prev - P g``."""
+    if not state["has_direction"]:
+        return 0.0, -gz, state.get("reset_reason") or "start"
+    restart_every = options["restart_every"]
+    if restart_every is not None and state["iterations_since_restart"] >= restart_every:
+        return 0.0, -gz, "periodic"
+    powell = options["powell_restart"]
+    if powell is None:
+        powell = options["beta"] in _JAMMING_FORMULAS
+    if powell and abs(gzp) >= _POWELL_THRESHOLD * gz:
+        # Successive gradients far from orthogonal: the directions have lost conjugacy (Powell, 1977).
+        return 0.0, -gz, "powell"
+    prev_gz, prev_slope = state["prev_gz"], state["prev_slope"]
+    # y = g - g_prev; in the rescaled variables y . P g = gz - gzp and d_prev . y = gd - prev_slope.
+    y_pg = gz - gzp
+    d_y = gd - prev_slope
+    beta = _beta(options["beta"], gz=gz, prev_gz=prev_gz, y_pg=y_pg, d_y=d_y, gzp=gzp, gd=gd, dots=dots)
+    if not math.isfinite(beta):
+        return 0.0, -gz, "beta_not_finite"
+    slope = beta * gd - gz
+    if not slope < -_SUFFICIENT_DESCENT * gz:
+        return 0.0, -gz, "not_descent"
+    return beta, slope, None
+
+
+def _initial_step(state: dict[str, Any], lr: float, slope: float, grad_norm: float) -> float:
+    prev_step, prev_slope = state["prev_step"], state["prev_slope"]
+    if prev_step is not None and prev_slope is not None:
+        # Assume the first-order change is the same as in the previous iteration (Nocedal & Wright, 3.60).
+        guess = prev_step * prev_slope / slope
+        if math.isfinite(guess) and guess > 0:
+            return guess
+    return lr * min(1.0, 1.0 / grad_norm)
+
+
+def _search(
+    phi: ls.Phi,
+    options: dict[str, Any],
+    value0: float,
+    slope: float,
+    initial_step: float,
+    max_evals: int,
+    value_noise: float,
+) -> ls.LineSearchResult:
+    name = options["line_search"]
+    if name == "strong_wolfe":
+        return ls.strong_wolfe(
+            phi,
+            value0,
+            slope,
+            initial_step,
+            c1=options["c1"],
+            c2=options["c2"],
+            max_evals=max_evals,
+            value_noise=value_noise,
+        )
+    if name == "armijo":
+        return ls.armijo(phi, value0, slope, initial_step, c1=options["c1"], max_evals=max_evals)
+    if name == "golden":
+        return ls.golden_section(
+            phi, value0, slope, initial_step, tolerance=options["line_search_tolerance"], max_evals=max_evals
+        )
+    return ls.brent(phi, value0, slope, initial_step, tolerance=options["line_search_tolerance"], max_evals=max_evals)
+
+
+def _check_finite_start(value0: float, gz: float) -> None:
+    if not (math.isfinite(value0) and math.isfinite(gz)):
+        what = "loss" if not math.isfinite(value0) else "gradient"
+        raise NonFiniteObjectiveError(
+            f"ConjugateGradient: the {what} is not finite where the step starts (loss {value0}, squared "
+            f"gradient norm {gz}); the parameters were left unchanged. Check the data and the model for "
+            "overflow, or start the CG phase from a point where the loss is finite."
+        )
+
+
+def _iteration_dots(
+    grads: list[Tensor],
+    prev_pgrad: list[Tensor],
+    direction: list[Tensor],
+    preconditioner: list[Tensor] | None,
+    with_direction_norm: bool,
+    reduce: DecisionReducer,
+) -> list[float]:
+    """``[g . P g, g . P g_prev, g . d_prev]`` (and ``|d_prev|^2`` in the rescaled variables, for Hager-Zhang), with
+    one host synchronisation (and one all-reduce when the parameters are sharded)."""
+    pairs: list[tuple[list[Tensor], list[Tensor], list[Tensor] | None]] = [
+        (grads, grads, preconditioner),
+        (grads, prev_pgrad, None),
+        (grads, direction, None),
+    ]
+    if with_direction_norm:
+        inverse = None if preconditioner is None else torch._foreach_reciprocal(preconditioner)
+        pairs.append((direction, direction, inverse))
+    return reduce.dots(torch.stack([_local_dot(a, b, w) for a, b, w in pairs])).tolist()
+
+
+def _update_direction(
+    direction: list[Tensor],
+    prev_pgrad: list[Tensor],
+    grads: list[Tensor],
+    preconditioner: list[Tensor] | None,
+    beta: float,
+) -> None:
+    """``d = beta d_prev - P g`` in place (``beta = 0``: steepest descent); then remember ``P g`` for the next beta."""
+    if beta == 0.0:
+        torch._foreach_zero_(direction)
+    else:
+        torch._foreach_mul_(direction, beta)
+    if preconditioner is None:
+        torch._foreach_sub_(direction, grads)
+        torch._foreach_copy_(prev_pgrad, grads)
+    else:
+        torch._foreach_addcmul_(direction, preconditioner, grads, value=-1.0)
+        torch._foreach_copy_(prev_pgrad, grads)
+        torch._foreach_mul_(prev_pgrad, preconditioner)
+
+
+def _at_precision_limit(phi: _LineFunction, value0: float, slope: float, rounding: float) -> bool:
+    """Whether a failed search only failed because the loss cannot resolve a decrease from the start.
+
+    Near a minimum the possible decrease sinks below the loss's rounding: that is convergence, and a caller must not
+    treat it as the CG phase failing (the callback would fall back to Adam). The signature: every trial finite, and
+    at the shortest one both the first-order decrease and the change the loss showed are below the rounding.
+    """
+    nearest = phi.nearest
+    return (
+        not phi.non_finite
+        and nearest is not None
+        and -slope * nearest[0] <= rounding
+        and abs(nearest[1] - value0) <= rounding
+    )
+
+
+def _advance_state(
+    state: dict[str, Any], result: ls.LineSearchResult, slope: float, gz: float, restart_reason: str | None
+) -> None:
+    """Record one finished iteration in the optimizer's global state."""
+    if result.status == ls.FAILED:
+        # The next direction is steepest descent.
+        state["has_direction"] = False
+        state["reset_reason"] = "after_failure"
+        state["total_line_search_failures"] += 1
+    elif result.status != ls.PRECISION_LIMIT:
+        state["has_direction"] = True
+        state["prev_step"] = result.step
+        state["prev_slope"] = slope
+    else:
+        state["has_direction"] = False
+        state["reset_reason"] = "after_failure"
+    state["prev_gz"] = gz
+    state["iterations"] += 1
+    if restart_reason is not None:
+        state["iterations_since_restart"] = 0
+        state["total_restarts"] += 1
+    state["iterations_since_restart"] += 1
+
+
+def _checked_preconditioner(params: list[Tensor], preconditioner: Sequence[Tensor]) -> list[Tensor]:
+    """The preconditioner as a list, after checking it has one positive, finite tensor of the right shape per
+    parameter."""
+    preconditioner = list(preconditioner)
+    if len(preconditioner) != len(params):
+        raise ValueError(
+            f"ConjugateGradient: the preconditioner has {len(preconditioner)} tensors for {len(params)} "
+            "parameters; pass one tensor per parameter, in the order of the parameter groups."
+        )
+    for index, (p, diagonal) in enumerate(zip(params, preconditioner)):
+        if diagonal.shape != p.shape:
+            raise ValueError(
+                f"ConjugateGradient: preconditioner tensor {index} has shape {tuple(diagonal.shape)}, "
+                f"its parameter {tuple(p.shape)}."
+            )
+        if not bool(torch.isfinite(diagonal).all()) or not bool((diagonal > 0).all()):
+            raise ValueError(
+                f"ConjugateGradient: preconditioner tensor {index} must be positive and finite everywhere."
+            )
+    return preconditioner
+
+
+def _check_groups(param_groups: list[dict[str, Any]], defaults: dict[str, Any]) -> None:
+    for index, group in enumerate(param_groups):
+        overridden = {key: group[key] for key in defaults if group[key] != defaults[key]}
+        if overridden:
+            raise ValueError(
+                "ConjugateGradient searches all parameters along one direction with one step, so options are "
+                f"global; parameter group {index} overrides {overridden}. Pass them to the constructor instead."
+            )
+        if any(p.is_sparse for p in group["params"]):
+            raise ValueError("ConjugateGradient does not support sparse parameters.")

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+__all__ = ["DecisionReducer", "all_reduce_mean_", "broadcast_", "is_distributed", "reduce_decision_scalars"]
+
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
     """Whether a process group with more than one rank is active."""
@@ -49,6 +51,36 @@ def reduce_decision_scalars(
     reduced_means = packed[:n_means].to(means.dtype)
     reduced_sums = packed[n_means:].to(sums.dtype) if sums is not None else None
     return reduced_means, reduced_sums
+
+
+class DecisionReducer:
+    """Makes the scalars an optimizer decides on identical on every rank.
+
+    Args:
+        sharded: whether each rank holds a different shard of the parameters: dot products are then partial and
+            summed across ranks. With replicated parameters (DDP) they are already global.
+        group: the process group; ``None`` means the default group when one is initialized.
+
+    """
+
+    def __init__(self, sharded: bool = False, group: dist.ProcessGroup | None = None) -> None:
+        self.sharded = sharded
+        self.group = group
+
+    def mean(self, value: Tensor | float) -> float:
+        """A loss averaged over ranks (each rank evaluates its own data shard)."""
+        tensor = torch.as_tensor(value).detach().reshape(1)
+        if is_distributed(self.group):
+            tensor, _ = reduce_decision_scalars(tensor.to(torch.float64), None, self.group)
+        return float(tensor.item())
+
+    def dots(self, local: Tensor) -> Tensor:
+        """Dot products over the parameters: summed over ranks if the parameters are sharded."""
+        if not self.sharded:
+            return local
+        _, reduced = reduce_decision_scalars(local[:0], local, self.group)
+        assert reduced is not None
+        return reduced
 
 
 def _buckets(tensors: list[Tensor]) -> list[list[Tensor]]:

@@ -26,6 +26,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+__all__ = [
+    "CONVERGED",
+    "FAILED",
+    "MAX_EVALS",
+    "PRECISION_LIMIT",
+    "LineSearchResult",
+    "Phi",
+    "Trial",
+    "armijo",
+    "brent",
+    "cubic_minimizer",
+    "golden_section",
+    "quadratic_minimizer",
+    "strong_wolfe",
+]
+
 #: Status of a search that met its stopping rule.
 CONVERGED = "converged"
 #: Status of a search that used up ``max_evals`` but found a point below the starting value.

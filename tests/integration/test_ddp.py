@@ -7,10 +7,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from _distributed import run_on_ranks
-from _models import PeakingClassifier, trainer_kwargs
 
 from lightning_twophase import ConvexitySwapCallback
+from tests.conftest import PeakingClassifier, run_on_ranks, trainer_kwargs
 
 
 def _fit_rank(rank: int, world_size: int, cg_phase: Any, line_search: str) -> dict[str, Any]:

@@ -8,8 +8,6 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from _distributed import run_on_ranks
-from _fabricate import NUM_TEST, NUM_TRAIN, fabricate_mnist
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
@@ -24,6 +22,8 @@ from example_modules.data import (
     MNISTDataModule,
     TorchvisionDataModule,
 )
+from tests.conftest import run_on_ranks
+from tests.examples.conftest import NUM_TEST, NUM_TRAIN, fabricate_mnist
 
 MNIST_LIKE = [(MNISTDataModule, "MNIST"), (FashionMNISTDataModule, "FashionMNIST")]
 

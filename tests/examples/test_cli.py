@@ -13,7 +13,7 @@ from example_modules.cli import TwoPhaseCLI, main
 from example_modules.data import ImageDataModule
 from lightning_twophase import ConvexitySwapCallback
 
-CONFIGS = sorted((Path(__file__).parents[1] / "example_modules" / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "example_modules" / "configs").glob("*.yaml"))
 
 
 def test_a_config_per_paper_experiment_and_a_quick_one():
@@ -32,7 +32,7 @@ def test_every_config_composes_model_data_trainer_and_callback(config, tmp_path)
     assert parsed.model.hparams.image_size == data.image_size
     if config.stem != "quick":
         assert parsed.model.hparams.model == config.stem.split("-", 1)[1]
-        assert callback._swap_epochs["fixed_swap_epoch"] == 0.3  # the paper's table: a fixed 30 % split
+        assert callback._detection["fixed_swap_epoch"] == 0.3  # the paper's table: a fixed 30 % split
 
 
 def parse_only(config: Path, tmp_path: Path) -> TwoPhaseCLI:
@@ -42,7 +42,7 @@ def parse_only(config: Path, tmp_path: Path) -> TwoPhaseCLI:
 
 
 def test_quick_job_trains_swaps_and_reports(tmp_path, caplog, monkeypatch):
-    quick = yaml.safe_load((Path(__file__).parents[1] / "example_modules" / "configs" / "quick.yaml").read_text())
+    quick = yaml.safe_load((Path(__file__).parents[2] / "example_modules" / "configs" / "quick.yaml").read_text())
     quick["trainer"]["max_epochs"] = 4
     quick["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
     quick["trainer"]["callbacks"][0]["init_args"] = {"fixed_swap_epoch": 2}

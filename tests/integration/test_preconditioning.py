@@ -9,12 +9,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from _models import TinyClassifier, trainer_kwargs
 from torch import nn
 
 from lightning_twophase import ConjugateGradient, ConvexitySwapCallback
 from lightning_twophase.optim.conjugate_gradient import BETA_FORMULAS
 from lightning_twophase.preconditioning import second_moment_preconditioner
+from tests.conftest import TinyClassifier, trainer_kwargs
 
 BETAS = sorted(set(BETA_FORMULAS.values()))
 
@@ -166,7 +166,7 @@ def swap_preconditioner(model: pl.LightningModule, **callback_kwargs: Any) -> tu
     callback = ConvexitySwapCallback(fixed_swap_epoch=1, **callback_kwargs)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=2))
     trainer.fit(model)
-    return trainer.optimizers[0].optimizer.preconditioner, callback._first_optimizer
+    return trainer.optimizers[0].optimizer.preconditioner, callback._phase.first.optimizers[0]
 
 
 def test_the_callback_preconditions_with_the_first_phases_second_moments():

@@ -6,12 +6,11 @@ import csv
 
 import lightning.pytorch as pl
 import pytest
-from _models import PeakingClassifier, trainer_kwargs
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_twophase import ConvexitySwapCallback
-from lightning_twophase.monitoring import norm_vs_loss_figure, render_rgb
+from lightning_twophase import ConvexitySwapCallback, tags
+from tests.conftest import PeakingClassifier, trainer_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +36,13 @@ def test_scalars_of_every_check_and_of_the_cg_steps(run):
     assert phases == [0.0] * callback.swap_epoch + [1.0] * (10 - callback.swap_epoch)
     norms = [event.value for event in events.Scalars("twophase/grad_norm")]
     assert norms == pytest.approx([record["grad_norm"] for record in callback.history])
+
+
+def test_every_tag_of_the_custom_scalars_layout_is_logged(run):
+    _, _, events, _ = run
+    layout = tags.CUSTOM_SCALARS_LAYOUT
+    charted = {tag for section in layout.values() for _, names in section.values() for tag in names}
+    assert charted <= set(events.Tags()["scalars"])
 
 
 def test_swap_text_figure_and_layout(run):
@@ -70,19 +76,3 @@ def test_attributes_and_callback_metrics_after_fit(run):
     assert float(metrics["twophase/swap_epoch"]) == callback.swap_epoch
     assert float(metrics["twophase/swap_step"]) == callback.swap_step
     assert float(metrics["twophase/phase"]) == 1.0
-
-
-def test_figure_marks_peak_and_swap_with_the_loss_decreasing_to_the_right():
-    history = [
-        {"loss": 1.0, "grad_norm": 0.5, "phase": "first"},
-        {"loss": 0.5, "grad_norm": 1.0, "phase": "first"},
-        {"loss": 0.2, "grad_norm": 0.8, "phase": "first"},
-        {"loss": 0.1, "grad_norm": 0.3, "phase": "cg"},
-    ]
-    figure = norm_vs_loss_figure(history, swap_index=2, peak_index=1)
-    axes = figure.axes[0]
-    left, right = axes.get_xlim()
-    assert left > right  # inverted: training moves right as the loss falls
-    labels = axes.get_legend_handles_labels()[1]
-    assert {"swap", "peak of the gradient norm", "conjugate gradient"} <= set(labels)
-    assert render_rgb(figure).shape[2] == 3

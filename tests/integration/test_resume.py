@@ -7,10 +7,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from _models import PeakingClassifier, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_twophase import ConvexitySwapCallback, MacroBatchOptimizer
+from lightning_twophase import ConvexitySwapCallback
+from lightning_twophase._macro_batch import _MacroBatchOptimizer as MacroBatchOptimizer
+from tests.conftest import PeakingClassifier, trainer_kwargs
 
 MAX_EPOCHS = 10
 

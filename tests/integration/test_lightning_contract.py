@@ -8,20 +8,93 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import pytest
 import torch
-from _models import TinyClassifier, trainer_kwargs
-from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from lightning_twophase._lightning import logging_suppressed, scheduler_configs
+from lightning_twophase._lightning import (
+    TrainerSettings,
+    batch_loss,
+    logging_suppressed,
+    scheduler_configs,
+    set_callback_metric,
+    set_optimizers,
+)
+from tests.conftest import TinyClassifier, trainer_kwargs
 
 
 def test_the_optimizers_setter_rewraps_what_the_training_loop_steps():
-    strategy = SingleDeviceStrategy("cpu")
+    trainer = pl.Trainer(**trainer_kwargs())
+    trainer.strategy._lightning_optimizers = []
     first, second = (torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1) for _ in range(2))
-    strategy.optimizers = [first]
-    strategy.optimizers = [second]
+    set_optimizers(trainer, [first])
+    set_optimizers(trainer, [second])
     # The automatic loop steps `strategy._lightning_optimizers[0]`: it must wrap the new optimizer.
-    assert strategy._lightning_optimizers[0].optimizer is second
+    assert trainer.strategy._lightning_optimizers[0].optimizer is second
+
+
+class CountingSGD(torch.optim.SGD):
+    """Counts its steps and records the gradient norm each step saw (after any clipping)."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, lr=0.01)
+        self.norms: list[float] = []
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = super().step(closure)
+        self.norms.append(float(torch.cat([p.grad.reshape(-1) for p in self.param_groups[0]["params"]]).norm()))
+        return loss
+
+
+class LargeGradients(TinyClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) * 1000.0
+
+
+class SwapSettings(pl.Callback):
+    """Epoch 1 trains with other settings, applied from a callback; epoch 2 with the captured ones again."""
+
+    def __init__(self) -> None:
+        self.captured: TrainerSettings | None = None
+        self.sgd: CountingSGD | None = None
+        self.steps_per_epoch: list[int] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.steps_per_epoch.append(trainer.global_step)
+        if trainer.current_epoch == 1:
+            self.captured = TrainerSettings.capture(trainer)
+            self.sgd = CountingSGD(pl_module.parameters())
+            configs = scheduler_configs(torch.optim.lr_scheduler.StepLR(self.sgd, step_size=1, gamma=0.5))
+            TrainerSettings([self.sgd], configs, None, 1).apply(trainer)
+        elif trainer.current_epoch == 2:
+            assert self.captured is not None
+            self.captured.apply(trainer)
+
+
+def test_trainer_settings_applied_between_steps_change_the_next_steps():
+    swap = SwapSettings()
+    trainer = pl.Trainer(
+        callbacks=[swap], **trainer_kwargs(max_epochs=3, gradient_clip_val=1.0, accumulate_grad_batches=2)
+    )
+    trainer.fit(LargeGradients(with_scheduler=True))
+    batches = trainer.num_training_batches  # 8
+    steps = [b - a for a, b in zip(swap.steps_per_epoch, [*swap.steps_per_epoch[1:], trainer.global_step])]
+    assert steps == [batches // 2, batches, batches // 2]  # accumulation off in epoch 1 only
+    assert swap.sgd is not None and len(swap.sgd.norms) == batches  # the new optimizer stepped, every batch
+    assert min(swap.sgd.norms) > 1.0  # unclipped gradients in epoch 1
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2  # the first StepLR, stepped after epochs 0, 2
+    assert swap.sgd.param_groups[0]["lr"] == pytest.approx(0.005)  # its own StepLR stepped once, after epoch 1
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam) and trainer.gradient_clip_val == 1.0
+
+
+class SetsMetric(pl.Callback):
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_callback_metric(trainer, "twophase/test", 2.0)
+
+
+def test_callback_metrics_set_at_train_end_survive_the_fit():
+    trainer = pl.Trainer(callbacks=[SetsMetric()], **trainer_kwargs(max_epochs=1))
+    trainer.fit(TinyClassifier())
+    assert float(trainer.callback_metrics["twophase/test"]) == 2.0
 
 
 def test_scheduler_configs_follow_configure_optimizers_rules():
@@ -99,9 +172,11 @@ def test_logging_suppressed_silences_self_log_and_restores_it():
 class RecordsOutputs(pl.Callback):
     def __init__(self) -> None:
         self.pairs: list[tuple[float, int]] = []
+        self.losses: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.pairs.append((float(outputs["loss"]), trainer.accumulate_grad_batches))
+        self.losses.append(float(batch_loss(outputs, trainer)))
 
 
 class ReturnsKnownLoss(TinyClassifier):
@@ -114,6 +189,7 @@ def test_outputs_loss_is_divided_by_accumulate_grad_batches():
     trainer = pl.Trainer(callbacks=[recorder], **trainer_kwargs(max_epochs=1, accumulate_grad_batches=3))
     trainer.fit(ReturnsKnownLoss())
     assert {loss * accumulate for loss, accumulate in recorder.pairs} == {3.0}
+    assert set(recorder.losses) == {3.0}  # batch_loss undoes the division
 
 
 def test_precision_plugins_expose_the_context_and_scaler_the_callback_reads():

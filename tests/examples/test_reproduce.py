@@ -6,9 +6,9 @@ import csv
 from pathlib import Path
 
 import pytest
-from _fabricate import fabricate_mnist
 
 from example_modules.reproduce import PRESETS, SCHEDULES, main
+from tests.examples.conftest import fabricate_mnist
 
 
 def run(tmp_path: Path, name: str) -> list[dict[str, str]]:

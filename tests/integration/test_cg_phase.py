@@ -7,11 +7,12 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import pytest
 import torch
-from _models import TinyClassifier, blobs, trainer_kwargs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, MacroBatchOptimizer
+from lightning_twophase import ConjugateGradient, ConvexitySwapCallback
+from lightning_twophase._macro_batch import _MacroBatchOptimizer as MacroBatchOptimizer
+from tests.conftest import TinyClassifier, blobs, trainer_kwargs
 
 
 class LogisticRegression(pl.LightningModule):

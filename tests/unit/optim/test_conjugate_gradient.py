@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from _distributed import init_gloo, run_on_ranks
 from torch import nn
 
 from lightning_twophase import ConjugateGradient, NonFiniteObjectiveError
 from lightning_twophase.optim.conjugate_gradient import BETA_FORMULAS
+from tests.conftest import init_gloo, run_on_ranks
 
 BETAS = sorted(set(BETA_FORMULAS.values()))
 

@@ -1,0 +1,525 @@
+"""The two phases of training. Each owns what it needs; the callback routes Lightning's hooks to the current one.
+
+* :class:`FirstPhase` trains with the optimizer of ``configure_optimizers``: it measures the loss and the gradient
+  norm of every step on the device and, at each check, asks the detector whether to swap.
+* :class:`CGPhase` installs conjugate gradient in place of it: it owns the CG optimizer, the objective, the private
+  macro-batch adapter and the Trainer settings of the first phase (one ``TrainerSettings`` type installs the CG
+  phase at the swap and puts the first phase back on a fallback).
+
+A phase leaves through :meth:`Phase.leave`, which returns the phase that follows it (:class:`PhaseFactory` builds
+them). What happened (the checks, the swap, the fallback, the compute) is kept in a :class:`RunRecord` that every
+phase writes to and checkpoints carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_twophase import monitoring, tags
+from lightning_twophase._lightning import TrainerSettings, batch_loss, scheduler_configs, set_callback_metric
+from lightning_twophase._macro_batch import MacroBatchStep, _MacroBatchOptimizer
+from lightning_twophase.detection import SwapDetector
+from lightning_twophase.fallback import FallbackDecision, FallbackPolicy
+from lightning_twophase.objective import lightning_objective
+from lightning_twophase.optim import ConjugateGradient
+from lightning_twophase.optim.distributed import broadcast_
+from lightning_twophase.preconditioning import second_moment_preconditioner
+
+__all__ = [
+    "CGPhase",
+    "CGPhaseConfig",
+    "FirstPhase",
+    "Phase",
+    "PhaseDecision",
+    "PhaseFactory",
+    "RunRecord",
+]
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+PreconditionerFactory = Callable[[Optimizer], Sequence[Tensor]]
+SchedulerFactory = Callable[[Optimizer], Any]
+
+#: ``preconditioner`` values: none, or the first phase's second moments (Adam's ``exp_avg_sq``).
+NO_PRECONDITIONER = "none"
+SECOND_MOMENTS = "second_moments"
+
+
+@dataclass(frozen=True)
+class PhaseDecision:
+    """A phase's answer at a check: whether to leave it for the next phase, why, and what to log with the check."""
+
+    leave: bool
+    reason: str
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    """What happened so far: what users read after ``fit`` and what checkpoints carry."""
+
+    #: One record per check: epoch, step, loss, gradient norm, phase, compute and the detector's numbers.
+    history: list[dict[str, Any]] = field(default_factory=list)
+    #: Samples passed forward plus twice the samples passed backward, over all ranks (backward ~ 2 forward).
+    compute: float = 0.0
+    swap_epoch: int | None = None
+    swap_step: int | None = None
+    swap_reason: str | None = None
+    #: The index in :attr:`history` of the check at which the swap was made.
+    swap_check: int | None = None
+    fallback_reason: str | None = None
+
+    def add_check(
+        self, epoch: int, step: int, loss: float, grad_norm: float, phase: str, scalars: Mapping[str, float]
+    ) -> dict[str, float]:
+        """Add one check to :attr:`history`; return what to log for it, by tag (``scalars``: the detector's)."""
+        record: dict[str, Any] = {"epoch": epoch, "step": step, "loss": loss, "grad_norm": grad_norm}
+        record.update({tags.column(tag): value for tag, value in scalars.items()})
+        record.update(phase=phase, compute=self.compute)
+        self.history.append(record)
+        logged = {tags.LOSS: loss, tags.GRAD_NORM: grad_norm, **scalars}
+        logged.update({tags.PHASE: tags.PHASE_VALUES[phase], tags.COMPUTE: self.compute})
+        return logged
+
+    def peak_check(self) -> int | None:
+        """The check of the first phase with the largest gradient norm."""
+        first = [(r["grad_norm"], i) for i, r in enumerate(self.history) if r["phase"] == "first"]
+        return max(first)[1] if first else None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        state["history"] = [dict(record) for record in self.history]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, state[name])
+        self.history = [dict(record) for record in self.history]
+
+
+class Phase:
+    """The interface the callback routes Lightning's hooks through; every hook does nothing unless overridden."""
+
+    #: ``"first"``, ``"cg"`` or ``"fallback"`` (the first optimizer again, after a fallback).
+    name: str
+
+    def on_train_epoch_start(self, trainer: pl.Trainer) -> None:
+        """An epoch begins."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        """A training batch begins."""
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """The gradients of a step are final (unscaled, all-reduced)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> PhaseDecision | None:
+        """A training batch is done; a decision to leave the phase at once, if any."""
+        return None
+
+    def measure(self, trainer: pl.Trainer) -> tuple[float, float] | None:
+        """The mean loss and gradient norm since the previous check, identical on every rank; ``None`` if nothing."""
+        raise NotImplementedError
+
+    def decide(self, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
+        """Whether to leave this phase, given the check's numbers (the same on every rank)."""
+        raise NotImplementedError
+
+    def leave(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: PhaseDecision, epoch: int) -> Phase:
+        """Act on ``decision`` and return the phase that follows."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Training ends: release what the phase keeps (kept batches)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the phase needs to be rebuilt on resume (besides the run record and the detector)."""
+        return {}
+
+
+class FirstPhase(Phase):
+    """Train with the first-phase optimizer; measure the loss and gradient norm, and ask the detector at each check.
+
+    Args:
+        record: the run's record.
+        detector: the swap detector; ``None``: no swap (after a fallback, the swap is not tried again).
+        successor: builds the CG phase at the swap; ``None`` only detects and logs the swap point.
+        name: ``"first"``, or ``"fallback"`` for the first optimizer after a fallback.
+
+    """
+
+    def __init__(
+        self,
+        record: RunRecord,
+        detector: SwapDetector | None,
+        successor: Callable[[pl.Trainer, pl.LightningModule], CGPhase] | None,
+        name: str = "first",
+    ) -> None:
+        self.name = name
+        self.record = record
+        self.detector = detector
+        self.successor = successor
+        self._reset()
+
+    def _reset(self) -> None:
+        self._loss_sum: Tensor | None = None
+        self._loss_batches = 0
+        self._norm_sum: Tensor | None = None
+        self._norm_steps = 0
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        # Global L2 norm, kept on the device: no synchronisation until the next check.
+        device = grads[0].device
+        norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads)])
+        norm = torch.linalg.vector_norm(norms)
+        self._norm_sum = norm if self._norm_sum is None else self._norm_sum + norm
+        self._norm_steps += 1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> PhaseDecision | None:
+        loss = batch_loss(outputs, trainer)
+        if loss is not None:
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_batches += 1
+            self.record.compute += trainer.world_size * 3 * extract_batch_size(batch)
+        return None
+
+    def measure(self, trainer: pl.Trainer) -> tuple[float, float] | None:
+        if self._loss_sum is None or self._norm_sum is None:
+            self._reset()
+            return None
+        local = torch.stack([self._loss_sum / self._loss_batches, self._norm_sum / self._norm_steps])
+        self._reset()
+        reduced = trainer.strategy.reduce(local, reduce_op="mean")
+        loss, norm = (float(v) for v in reduced.tolist())  # the one host synchronisation per check
+        return loss, norm
+
+    def decide(self, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
+        if self.detector is None:
+            return PhaseDecision(False, "no detector")
+        decision = self.detector.update(loss, grad_norm, epoch=epoch, step=step)
+        leave = decision.swap and self.record.swap_reason is None
+        return PhaseDecision(leave, decision.reason, dict(decision.scalars))
+
+    def leave(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: PhaseDecision, epoch: int) -> Phase:
+        record = self.record
+        record.swap_epoch, record.swap_step, record.swap_reason = epoch, trainer.global_step, decision.reason
+        record.swap_check = len(record.history) - 1 if record.history else None
+        set_callback_metric(trainer, tags.SWAP_EPOCH, epoch)
+        set_callback_metric(trainer, tags.SWAP_STEP, trainer.global_step)
+        first_name = type(trainer.optimizers[0]).__name__
+        successor: Phase = self
+        if self.successor is None:
+            message = (
+                f"ConvexitySwapCallback (detect only): the swap point is at epoch {epoch}, step "
+                f"{trainer.global_step}: {decision.reason}. Training continues with {first_name}."
+            )
+        else:
+            successor = self.successor(trainer, pl_module)
+            message = (
+                f"ConvexitySwapCallback: swapped {first_name} -> conjugate gradient at epoch {epoch}, step "
+                f"{trainer.global_step}: {decision.reason}."
+            )
+        rank_zero_info(message)
+        monitoring.log_scalars(
+            trainer, {tags.SWAP_EPOCH: float(epoch), tags.SWAP_STEP: float(trainer.global_step)}, trainer.global_step
+        )
+        monitoring.log_text(trainer, tags.SWAP_TEXT, message, trainer.global_step)
+        return successor
+
+
+@dataclass(frozen=True)
+class CGPhaseConfig:
+    """How to build the CG phase (from the callback's arguments).
+
+    Attributes:
+        batches_per_step: mini-batches per CG iteration; ``None``: the whole epoch.
+        build_optimizer: the second-phase optimizer from the first one's parameter groups.
+        scheduler_factory: the CG phase's learning-rate scheduler, if any.
+        preconditioner: ``"none"``, ``"second_moments"`` or a callable returning one positive tensor per parameter.
+        fallback: whether to go back to the first optimizer when the policy says so.
+        policy: builds the fallback policy of a new CG phase.
+        max_cached_bytes: device memory for the kept batches of an iteration.
+        warn_single_batches: warn that one mini-batch per iteration is unsound (``cg_phase="minibatch"``).
+
+    """
+
+    batches_per_step: int | None
+    build_optimizer: OptimizerFactory
+    scheduler_factory: SchedulerFactory | None
+    preconditioner: str | PreconditionerFactory
+    fallback: bool
+    policy: Callable[[], FallbackPolicy]
+    max_cached_bytes: int
+    warn_single_batches: bool
+
+
+class CGPhase(Phase):
+    """Conjugate gradient in place of the first-phase optimizer, installed through ``trainer.strategy``.
+
+    Args:
+        trainer: the running Trainer; the CG phase is installed on it at once.
+        pl_module: the LightningModule whose ``training_step`` is the objective.
+        config: how to build the phase.
+        record: the run's record.
+        seed: base of the per-batch random seeds of the objective.
+        successor: builds the phase that follows a fallback.
+        first_state: the first-phase optimizer's and schedulers' states from a checkpoint written in the CG phase
+            (resume); ``None`` at the swap itself.
+        policy_state: the fallback policy's state from that checkpoint.
+
+    """
+
+    name = "cg"
+
+    def __init__(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        config: CGPhaseConfig,
+        record: RunRecord,
+        seed: int,
+        successor: Callable[[], Phase],
+        first_state: dict[str, Any] | None = None,
+        policy_state: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.record = record
+        self.successor = successor
+        self._current: tuple[Any, int, bool] = (None, 0, False)
+        # Steps happen inside Lightning's optimizer step, where changing optimizers is unsafe: their results wait
+        # here for `on_train_batch_end`.
+        self._results: list[MacroBatchStep] = []
+        self._points: list[tuple[float, float]] = []  # (loss, gradient norm) of each iteration since the last check
+        self._warned_struggling = False
+        first = TrainerSettings.capture(trainer)
+        first_optimizer = first.optimizers[0]
+        # Without the fallback the first optimizer is never used again: keep only the settings, not its state.
+        self.first = first if config.fallback else replace(first, optimizers=[], lr_scheduler_configs=[])
+        groups = [{"params": list(group["params"])} for group in first_optimizer.param_groups]
+        self.optimizer = config.build_optimizer(groups)
+        resumed = first_state is not None
+        if first_state is not None and config.fallback:
+            first_optimizer.load_state_dict(first_state["optimizer"])
+            for scheduler_config, state in zip(first.lr_scheduler_configs, first_state["schedulers"]):
+                scheduler_config.scheduler.load_state_dict(state)
+        elif isinstance(self.optimizer, ConjugateGradient):
+            # On resume the preconditioner comes back with the optimizer state instead.
+            self._precondition(first_optimizer, self.optimizer)
+        params = [p for group in groups for p in group["params"]]
+        objective = lightning_objective(trainer, pl_module, params, config.max_cached_bytes, seed)
+        self.adapter = _MacroBatchOptimizer(
+            self.optimizer,
+            objective,
+            current_batch=lambda: self._current,
+            on_step=self._results.append,
+            batches_per_step=config.batches_per_step,
+            raise_on_non_finite=not config.fallback,
+        )
+        self.policy = config.policy()
+        if policy_state is not None:
+            self.policy.load_state_dict(policy_state)
+        self._install(trainer, announce=not resumed)
+
+    def _install(self, trainer: pl.Trainer, announce: bool) -> None:
+        if trainer.gradient_clip_val:
+            rank_zero_warn(
+                f"ConvexitySwapCallback: gradient clipping (gradient_clip_val={trainer.gradient_clip_val}) is turned "
+                "off for the CG phase: clipping would corrupt the line search's gradients."
+            )
+        if trainer.accumulate_grad_batches != 1:
+            rank_zero_warn(
+                f"ConvexitySwapCallback: accumulate_grad_batches={trainer.accumulate_grad_batches} is set to 1 for "
+                "the CG phase, which forms its own exact macro-batch gradient."
+            )
+        schedulers = (
+            []
+            if self.config.scheduler_factory is None
+            else scheduler_configs(self.config.scheduler_factory(self.adapter))
+        )
+        TrainerSettings([self.adapter], schedulers, None, 1).apply(trainer)
+        if announce and self.config.warn_single_batches and trainer.num_training_batches > 1:
+            rank_zero_warn(
+                f"ConvexitySwapCallback: the CG phase steps on single mini-batches of a training set of "
+                f"{trainer.num_training_batches} batches; expect the training loss to rise. Use cg_phase='full'.",
+                category=UserWarning,
+            )
+
+    def _precondition(self, first: Optimizer, second: ConjugateGradient) -> None:
+        preconditioner = self.config.preconditioner
+        if preconditioner == NO_PRECONDITIONER:
+            return
+        if callable(preconditioner):
+            diagonal = list(preconditioner(first))
+        else:
+            diagonal = second_moment_preconditioner(first)
+            if diagonal is None:
+                rank_zero_warn(
+                    f"ConvexitySwapCallback: {type(first).__name__} has no second moments to precondition the CG "
+                    "phase with (it keeps none, or has not stepped yet); it runs plain conjugate gradient "
+                    "(preconditioner='none' silences this)."
+                )
+                return
+        # Rank 0's diagonal for every rank: the same geometry keeps the replicas identical.
+        broadcast_(diagonal)
+        second.set_preconditioner(diagonal)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Hooks
+    # ------------------------------------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer) -> None:
+        self.adapter.discard()  # a macro-batch left over by an epoch that ended early
+
+    def on_train_batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        self._current = (batch, batch_idx, batch_idx + 1 >= trainer.num_training_batches)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> PhaseDecision | None:
+        self._current = (None, 0, False)  # the batch is not kept beyond its step
+        decision = None
+        while self._results and decision is None:
+            decision = self._after_step(trainer, self._results.pop(0))
+        return decision
+
+    def _after_step(self, trainer: pl.Trainer, step: MacroBatchStep) -> PhaseDecision | None:
+        self.record.compute += trainer.world_size * (step.forward_samples + 2 * step.backward_samples)
+        if step.non_finite is not None:
+            return self._fallback_decision(self.policy.non_finite(str(step.non_finite)))
+        diagnostics = step.diagnostics
+        if diagnostics is None:
+            return None
+        self._points.append((diagnostics.loss, diagnostics.grad_norm))
+        totals = getattr(self.optimizer, "totals", {})
+        monitoring.log_scalars(
+            trainer,
+            {
+                tags.CG_LOSS: diagnostics.loss,
+                tags.CG_GRAD_NORM: diagnostics.grad_norm,
+                tags.CG_STEP_SIZE: diagnostics.step_size,
+                tags.CG_BETA: diagnostics.beta,
+                tags.CG_GRADIENT_EVALUATIONS: float(diagnostics.gradient_evaluations),
+                tags.CG_VALUE_EVALUATIONS: float(diagnostics.value_evaluations),
+                tags.CG_RESTARTS: float(totals.get("restarts", 0)),
+                tags.CG_LINE_SEARCH_FAILURES: float(totals.get("line_search_failures", 0)),
+                tags.COMPUTE: self.record.compute,
+            },
+            trainer.global_step,
+        )
+        return self._fallback_decision(self.policy.iteration(diagnostics.failed))
+
+    def _fallback_decision(self, decision: FallbackDecision) -> PhaseDecision | None:
+        if not decision.fall_back:
+            return None
+        if not self.config.fallback:
+            if not self._warned_struggling:
+                rank_zero_warn(
+                    f"ConvexitySwapCallback: the CG phase is struggling ({decision.reason}); fallback is disabled."
+                )
+                self._warned_struggling = True
+            return None
+        return PhaseDecision(True, decision.reason)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checks and the fallback
+    # ------------------------------------------------------------------------------------------------------------
+
+    def measure(self, trainer: pl.Trainer) -> tuple[float, float] | None:
+        if not self._points:
+            return None
+        losses, norms = zip(*self._points)
+        self._points.clear()
+        return sum(losses) / len(losses), sum(norms) / len(norms)
+
+    def decide(self, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
+        return self._fallback_decision(self.policy.check(loss)) or PhaseDecision(False, "")
+
+    def leave(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: PhaseDecision, epoch: int) -> Phase:
+        self.adapter.discard()
+        self.first.apply(trainer)
+        self.record.fallback_reason = decision.reason
+        first_name = type(self.first.optimizers[0]).__name__
+        message = (
+            f"ConvexitySwapCallback: falling back to {first_name} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step}: {decision.reason}."
+        )
+        rank_zero_warn(message)
+        monitoring.log_text(trainer, tags.FALLBACK_TEXT, message, trainer.global_step)
+        return self.successor()
+
+    def close(self) -> None:
+        self.adapter.discard()
+
+    def state_dict(self) -> dict[str, Any]:
+        # The first optimizer's state is kept for the fallback, so that it resumes where the first phase stopped.
+        first_state = None
+        if self.first.optimizers:
+            first_state = {
+                "optimizer": self.first.optimizers[0].state_dict(),
+                "schedulers": [config.scheduler.state_dict() for config in self.first.lr_scheduler_configs],
+            }
+        return {"first_optimizer_state": first_state, "policy": self.policy.state_dict()}
+
+
+class PhaseFactory:
+    """Builds the phases of one run, so that each phase can hand over to the next and a checkpoint can rebuild the
+    current one.
+
+    Args:
+        record: the run's record, shared by every phase.
+        cg_config: how to build the CG phase.
+        detect_only: the first phase only detects and logs the swap point.
+        seed: base of the per-batch random seeds of the CG phase's objective.
+
+    """
+
+    def __init__(self, record: RunRecord, cg_config: CGPhaseConfig, detect_only: bool, seed: int) -> None:
+        self.record = record
+        self.cg_config = cg_config
+        self.detect_only = detect_only
+        self.seed = seed
+        #: The swap detector of the first phase (set by the callback once it can be built).
+        self.detector: SwapDetector | None = None
+
+    def first(self) -> FirstPhase:
+        """The first phase, asking the detector at each check."""
+        return FirstPhase(self.record, self.detector, None if self.detect_only else self.cg)
+
+    def cg(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None = None) -> CGPhase:
+        """The CG phase, installed on ``trainer`` at once (``state``: from a checkpoint written in the CG phase)."""
+        state = state or {}
+        return CGPhase(
+            trainer, pl_module, self.cg_config, self.record, self.seed, self.fallback,
+            first_state=state.get("first_optimizer_state"), policy_state=state.get("policy"),
+        )  # fmt: skip
+
+    def fallback(self) -> FirstPhase:
+        """The first optimizer again, after a fallback: it does not try the swap again."""
+        return FirstPhase(self.record, detector=None, successor=None, name="fallback")
+
+    def restore(self, name: str, state: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule) -> Phase:
+        """The phase a checkpoint was written in."""
+        if name == CGPhase.name:
+            return self.cg(trainer, pl_module, state)
+        return self.fallback() if name == "fallback" else self.first()
+
+
+def log_figure(trainer: pl.Trainer, record: RunRecord, save_dir: str | None = None) -> None:
+    """Draw the norm-vs-loss figure of the checks so far for TensorBoard (and as a PNG in ``save_dir``)."""
+    if trainer.global_rank != 0 or not record.history:
+        return
+    figure = monitoring.norm_vs_loss_figure(record.history, record.swap_check, record.peak_check())
+    if figure is None:
+        return
+    monitoring.log_figure(trainer, tags.NORM_VS_LOSS_FIGURE, figure, trainer.global_step)
+    if save_dir is not None:
+        monitoring.save_figure(figure, Path(save_dir) / "norm_vs_loss.png")

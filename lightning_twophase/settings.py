@@ -1,0 +1,167 @@
+"""What the callback accepts: its arguments, checked when it is made, and the Trainer settings it refuses before any
+training, each refusal naming the problem and the fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import Optimizer
+
+from lightning_twophase.detection import SwapDetector
+from lightning_twophase.phases import NO_PRECONDITIONER, SECOND_MOMENTS, PreconditionerFactory
+
+__all__ = [
+    "DEFAULT_CG_OPTIONS",
+    "DETECTION_DEFAULTS",
+    "FULL_BATCH",
+    "MINI_BATCH",
+    "check_arguments",
+    "check_fallback_arguments",
+    "detection_settings",
+    "epoch_setting",
+    "has_fraction",
+    "length_problems",
+    "optimizer_problems",
+    "refuse",
+    "resolve_fractions",
+    "warn_single_batches",
+]
+
+#: ``cg_phase`` values: the whole training set per CG iteration, or one mini-batch per iteration.
+FULL_BATCH = "full"
+MINI_BATCH = "minibatch"
+
+#: ConjugateGradient options used unless ``optimizer_kwargs`` overrides them: chosen on real MNIST
+#: (``benchmarks/fullbatch_vs_minibatch.py``), where Hager-Zhang reached a lower loss than Polak-Ribiere+ and Brent's
+#: value-only search at a 10 % tolerance cost about 2.7 gradient-pass equivalents per iteration.
+DEFAULT_CG_OPTIONS: dict[str, Any] = {"beta": "hager_zhang", "line_search": "brent", "line_search_tolerance": 0.1}
+
+#: The detection arguments and their defaults: those of the paper's rule, :class:`GradientNormPeakDetector`.
+DETECTION_DEFAULTS: dict[str, Any] = {
+    "factor": 0.9,
+    "smoothing": 0.0,
+    "patience": 1,
+    "min_epochs": 0,
+    "min_steps": 0,
+    "fixed_swap_epoch": None,
+    "max_swap_epoch": None,
+    "require_rise": True,
+}
+
+
+def check_arguments(
+    detection: dict[str, Any],
+    detector: SwapDetector | None,
+    check_every_n_steps: int | None,
+    cg_phase: str | int,
+    preconditioner: str | PreconditionerFactory,
+) -> None:
+    given = [name for name, value in detection.items() if value is not None]
+    if detector is not None and given:
+        raise ValueError(
+            f"ConvexitySwapCallback: pass the detection arguments ({', '.join(given)}) or `detector`, not both: "
+            "a detector instance is used as it is. Set them on the detector instead."
+        )
+    if detector is not None and not isinstance(detector, SwapDetector):
+        raise TypeError(
+            f"ConvexitySwapCallback: `detector` must have the methods update(loss, grad_norm, *, epoch, step), "
+            f"state_dict() and load_state_dict(state) (see SwapDetector); got {type(detector).__name__}."
+        )
+    if check_every_n_steps is not None and check_every_n_steps < 1:
+        raise ValueError(f"ConvexitySwapCallback: `check_every_n_steps` must be >= 1, got {check_every_n_steps}.")
+    if not (cg_phase in (FULL_BATCH, MINI_BATCH) or (isinstance(cg_phase, int) and cg_phase >= 1)):
+        raise ValueError(
+            f"ConvexitySwapCallback: `cg_phase` must be 'full', 'minibatch' or a number of batches >= 1, "
+            f"got {cg_phase!r}."
+        )
+    if not (callable(preconditioner) or preconditioner in (SECOND_MOMENTS, NO_PRECONDITIONER)):
+        raise ValueError(
+            f"ConvexitySwapCallback: `preconditioner` must be '{SECOND_MOMENTS}', '{NO_PRECONDITIONER}' or a "
+            f"callable, got {preconditioner!r}."
+        )
+
+
+def check_fallback_arguments(after_failures: int, loss_window: int | None, loss_rtol: float) -> None:
+    if after_failures < 1:
+        raise ValueError("ConvexitySwapCallback: `fallback_after_failures` must be at least 1.")
+    if loss_window is not None and loss_window < 1:
+        raise ValueError("ConvexitySwapCallback: `fallback_loss_window` must be at least 1 or None.")
+    if not (math.isfinite(loss_rtol) and loss_rtol >= 0):
+        raise ValueError(f"ConvexitySwapCallback: `fallback_loss_rtol` must be a finite number >= 0, got {loss_rtol}.")
+
+
+def resolve_fractions(detection: dict[str, Any], max_epochs: int | None) -> list[str]:
+    """Turn the epoch options given as fractions of ``max_epochs`` into epochs; the problems if there is none."""
+    problems = []
+    for name in ("fixed_swap_epoch", "max_swap_epoch"):
+        value = detection[name]
+        if isinstance(value, float):
+            if max_epochs is None or max_epochs < 1:
+                problems.append(f"`{name}={value}` is a fraction of max_epochs, but the Trainer has no max_epochs")
+            else:
+                detection[name] = round(value * max_epochs)
+    return problems
+
+
+def has_fraction(detection: dict[str, Any]) -> bool:
+    return any(isinstance(detection[name], float) for name in ("fixed_swap_epoch", "max_swap_epoch"))
+
+
+def epoch_setting(name: str, value: float | None) -> int | float | None:
+    """An epoch count (a whole number >= 0) or a fraction of ``max_epochs`` (in (0, 1)); config files may turn
+    counts into floats, so 30.0 means 30 epochs."""
+    if value is None:
+        return None
+    if 0 < value < 1:
+        return float(value)
+    if value >= 0 and float(value).is_integer():
+        return int(value)
+    raise ValueError(
+        f"ConvexitySwapCallback: `{name}` must be an epoch count >= 0 or a fraction of max_epochs in (0, 1), "
+        f"got {value!r}."
+    )
+
+
+def detection_settings(given: dict[str, Any]) -> dict[str, Any]:
+    """The detection arguments that were given (not ``None``) over their defaults, epoch options checked."""
+    detection = {**DETECTION_DEFAULTS, **{name: value for name, value in given.items() if value is not None}}
+    for name in ("fixed_swap_epoch", "max_swap_epoch"):
+        detection[name] = epoch_setting(name, detection[name])
+    return detection
+
+
+def refuse(problems: list[str]) -> None:
+    """Raise one ``MisconfigurationException`` that names every problem, if there is any."""
+    if problems:
+        raise MisconfigurationException("ConvexitySwapCallback cannot run this training: " + "; ".join(problems) + ".")
+
+
+def optimizer_problems(optimizers: Sequence[Optimizer]) -> list[str]:
+    if len(optimizers) != 1 or not any(group["params"] for group in optimizers[0].param_groups):
+        return [
+            "it needs exactly one optimizer with parameters from `configure_optimizers`; the swap replaces that "
+            "optimizer by conjugate gradient on the same parameters"
+        ]
+    return []
+
+
+def length_problems(cg_phase: str | int, num_training_batches: float) -> list[str]:
+    if cg_phase == FULL_BATCH and not math.isfinite(num_training_batches):
+        return [
+            "cg_phase='full' needs a training set of known length to form one CG iteration per epoch; this train "
+            "dataloader has no length. Pass cg_phase=K for macro-batches of K batches"
+        ]
+    return []
+
+
+def warn_single_batches() -> None:
+    rank_zero_warn(
+        "ConvexitySwapCallback(cg_phase='minibatch'): conjugate gradient on a different mini-batch per "
+        "iteration is numerically unsound unless one batch is the whole training set (measured on MNIST it "
+        "raised the training loss from 1.4e-3 to 0.32). Use cg_phase='full' (the default) or a macro-batch.",
+        category=UserWarning,
+    )

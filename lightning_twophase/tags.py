@@ -1,0 +1,89 @@
+"""Every name the callback logs under, defined once: the scalars, the text events, the figure and the TensorBoard
+layout built from them. Renaming a tag here renames it everywhere, the layout included.
+
+No Lightning in here: detectors use these names for the scalars they report.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CG_BETA",
+    "CG_GRADIENT_EVALUATIONS",
+    "CG_GRAD_NORM",
+    "CG_LINE_SEARCH_FAILURES",
+    "CG_LOSS",
+    "CG_RESTARTS",
+    "CG_STEP_SIZE",
+    "CG_VALUE_EVALUATIONS",
+    "COMPUTE",
+    "CUSTOM_SCALARS_LAYOUT",
+    "FALLBACK_TEXT",
+    "GN_MAX",
+    "GRAD_NORM",
+    "LOSS",
+    "NORM_VS_LOSS_FIGURE",
+    "PHASE",
+    "PHASE_VALUES",
+    "PREFIX",
+    "SWAP_EPOCH",
+    "SWAP_STEP",
+    "SWAP_TEXT",
+    "THRESHOLD",
+    "column",
+]
+
+#: Prefix of every tag.
+PREFIX = "twophase"
+
+
+def _tag(name: str) -> str:
+    return f"{PREFIX}/{name}"
+
+
+def column(tag: str) -> str:
+    """The tag without its prefix: the column name in ``history`` and ``twophase_history.csv``."""
+    return tag.removeprefix(f"{PREFIX}/")
+
+
+# Every check (per epoch by default): the means since the previous check.
+LOSS = _tag("loss")
+GRAD_NORM = _tag("grad_norm")
+PHASE = _tag("phase")
+COMPUTE = _tag("compute")
+# The paper's detector: the running peak of the norm and the threshold below which it swaps.
+GN_MAX = _tag("gn_max")
+THRESHOLD = _tag("threshold")
+# The swap, once.
+SWAP_EPOCH = _tag("swap_epoch")
+SWAP_STEP = _tag("swap_step")
+# Text events and the figure.
+SWAP_TEXT = _tag("swap")
+FALLBACK_TEXT = _tag("fallback")
+NORM_VS_LOSS_FIGURE = _tag("norm_vs_loss")
+# Every CG iteration.
+CG_LOSS = _tag("cg/loss")
+CG_GRAD_NORM = _tag("cg/grad_norm")
+CG_STEP_SIZE = _tag("cg/step_size")
+CG_BETA = _tag("cg/beta")
+CG_GRADIENT_EVALUATIONS = _tag("cg/gradient_evaluations")
+CG_VALUE_EVALUATIONS = _tag("cg/value_evaluations")
+CG_RESTARTS = _tag("cg/restarts")
+CG_LINE_SEARCH_FAILURES = _tag("cg/line_search_failures")
+
+#: The value of :data:`PHASE` for each phase.
+PHASE_VALUES = {"first": 0.0, "cg": 1.0, "fallback": 2.0}
+
+#: TensorBoard's Custom Scalars tab.
+CUSTOM_SCALARS_LAYOUT = {
+    "two-phase training": {
+        "gradient norm and loss": ["Multiline", [GRAD_NORM, LOSS]],
+        "swap rule: norm, peak and threshold": ["Multiline", [GRAD_NORM, GN_MAX, THRESHOLD]],
+        "phase (0 first, 1 CG, 2 fallback)": ["Multiline", [PHASE]],
+        "compute (samples forward + 2 x backward)": ["Multiline", [COMPUTE]],
+    },
+    "conjugate gradient": {
+        "step size and beta": ["Multiline", [CG_STEP_SIZE, CG_BETA]],
+        "evaluations per iteration": ["Multiline", [CG_GRADIENT_EVALUATIONS, CG_VALUE_EVALUATIONS]],
+        "restarts and line-search failures": ["Multiline", [CG_RESTARTS, CG_LINE_SEARCH_FAILURES]],
+    },
+}

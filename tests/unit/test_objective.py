@@ -1,0 +1,133 @@
+"""TrainingObjective without a Trainer: the exact size-weighted mean and its gradient, offloaded batches, repeated
+randomness, and trial evaluations that leave no trace."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_twophase.objective import TrainingObjective, batch_nbytes, training_step_loss
+
+
+def regression_batches(sizes: tuple[int, ...] = (16, 16, 7)) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, 5, generator=generator), torch.randn(n, 1, generator=generator)) for n in sizes]
+
+
+def objective_for(model: nn.Module, **kwargs) -> TrainingObjective:
+    def loss_fn(batch, batch_idx):
+        inputs, targets = batch
+        return nn.functional.mse_loss(model(inputs), targets)
+
+    return TrainingObjective(loss_fn, list(model.parameters()), model, **kwargs)
+
+
+def full_batch_loss_and_grad(model: nn.Module, batches) -> tuple[float, list[torch.Tensor]]:
+    inputs = torch.cat([b[0] for b in batches])
+    targets = torch.cat([b[1] for b in batches])
+    model.zero_grad()
+    loss = nn.functional.mse_loss(model(inputs), targets)
+    loss.backward()
+    return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
+
+
+def test_value_and_gradient_are_those_of_the_whole_set_despite_a_short_last_batch():
+    torch.manual_seed(0)
+    model = nn.Linear(5, 1).double()
+    batches = [(x.double(), y.double()) for x, y in regression_batches()]
+    objective = objective_for(model)
+    for index, batch in enumerate(batches):
+        assert objective.add(batch, index) == len(batch[0])
+    assert (len(objective), objective.num_samples) == (3, 39)
+    expected_loss, expected_grads = full_batch_loss_and_grad(model, batches)
+    assert float(objective.value()) == pytest.approx(expected_loss, rel=1e-12)
+    assert float(objective.value_and_gradient()) == pytest.approx(expected_loss, rel=1e-12)
+    for p, expected in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=0)
+    assert (objective.forward_samples, objective.backward_samples) == (78, 39)
+
+
+def test_the_first_closure_call_returns_the_known_start_without_evaluating():
+    model = nn.Linear(5, 1)
+    objective = objective_for(model)
+    objective.add(regression_batches()[0], 0)
+    objective.set_start(0.25)
+    assert float(objective.closure()) == 0.25 and objective.forward_samples == 0
+    objective.closure()  # the second call evaluates
+    assert objective.forward_samples == 16
+
+
+def test_batches_beyond_the_device_bound_wait_on_the_host_and_give_the_same_value():
+    model = nn.Linear(5, 1)
+    batches = regression_batches()
+    moved = []
+
+    def to_device(batch):
+        moved.append(batch)
+        return batch
+
+    kept = objective_for(model)
+    offloaded = objective_for(model, max_device_bytes=batch_nbytes(batches[0]), to_device=to_device)
+    for index, batch in enumerate(batches):
+        kept.add(batch, index)
+        offloaded.add(batch, index)
+    assert float(kept.value()) == float(offloaded.value())
+    assert len(moved) == 2  # the first batch fits the bound, the other two are copied back for the evaluation
+
+
+def test_randomness_in_the_loss_repeats_at_every_evaluation_of_an_iteration():
+    model = nn.Linear(5, 1)
+
+    def noisy(batch, batch_idx):
+        inputs, targets = batch
+        return nn.functional.mse_loss(model(inputs + torch.randn_like(inputs)), targets)
+
+    objective = TrainingObjective(noisy, list(model.parameters()), model, seed=3)
+    for index, batch in enumerate(regression_batches()):
+        objective.add(batch, index)
+    first, second = float(objective.value()), float(objective.value())
+    assert first == second
+    objective.iteration += 1  # a new iteration draws new noise
+    assert float(objective.value()) != first
+    state = torch.get_rng_state()
+    objective.value()
+    assert torch.equal(state, torch.get_rng_state())  # the global generator is left as it was
+
+
+def test_trial_evaluations_leave_buffers_as_they_were_and_run_quietly():
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    quiet_calls = []
+
+    @contextmanager
+    def quiet():
+        quiet_calls.append("enter")
+        yield
+
+    objective = objective_for(model, quiet=quiet)
+    for index, batch in enumerate(regression_batches()):
+        objective.add(batch, index)
+    before = [b.clone() for b in model.buffers()]
+    with objective.side_effects_suspended():
+        objective.value_and_gradient()
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.buffers()))  # BatchNorm moved its statistics
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert quiet_calls == ["enter"]
+
+
+def test_clear_drops_the_batches():
+    objective = objective_for(nn.Linear(5, 1))
+    objective.add(regression_batches()[0], 0)
+    objective.clear()
+    assert (len(objective), objective.num_samples) == (0, 0)
+
+
+def test_the_loss_in_what_a_training_step_returns():
+    loss = torch.tensor(1.5)
+    assert training_step_loss(loss) is loss
+    assert training_step_loss({"loss": loss, "extra": 1}) is loss
+    assert training_step_loss(None) is None
+    with pytest.raises(TypeError, match="must return a loss tensor"):
+        training_step_loss((loss,))

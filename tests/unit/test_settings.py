@@ -1,0 +1,48 @@
+"""The callback's arguments, refused when it is made, before any Trainer exists."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lightning_twophase import ConvexitySwapCallback, GradientNormPeakDetector
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"check_every_n_steps": 0}, "check_every_n_steps"),
+        ({"cg_phase": "epoch"}, "cg_phase"),
+        ({"preconditioner": "adam"}, "preconditioner"),
+        ({"fallback_after_failures": 0}, "fallback_after_failures"),
+        ({"fallback_loss_window": 0}, "fallback_loss_window"),
+        ({"fallback_loss_rtol": -0.1}, "fallback_loss_rtol"),
+        ({"fallback_loss_rtol": math.nan}, "fallback_loss_rtol"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_callback_is_made(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ConvexitySwapCallback(**kwargs)
+
+
+def test_a_detector_together_with_detection_arguments_is_refused():
+    with pytest.raises(ValueError, match=r"detection arguments \(factor, patience\) or `detector`"):
+        ConvexitySwapCallback(factor=0.8, patience=2, detector=GradientNormPeakDetector())
+
+
+def test_a_detector_without_the_protocols_methods_is_refused():
+    class OnlyUpdate:
+        def update(self, loss, grad_norm, *, epoch, step):
+            return None
+
+    with pytest.raises(TypeError, match="SwapDetector"):
+        ConvexitySwapCallback(detector=OnlyUpdate())
+
+
+def test_the_detection_arguments_configure_the_papers_rule():
+    callback = ConvexitySwapCallback(factor=0.8, smoothing=0.5, patience=2, fixed_swap_epoch=30.0)
+    detector = callback.detector
+    assert isinstance(detector, GradientNormPeakDetector)
+    assert (detector.factor, detector.smoothing, detector.patience, detector.fixed_swap_epoch) == (0.8, 0.5, 2, 30)
+    assert ConvexitySwapCallback(fixed_swap_epoch=0.3).detector is None  # a fraction: built at setup
