@@ -3,6 +3,7 @@
 from lightning_twophase.callback import ConvexitySwapCallback
 from lightning_twophase.detection import GradientNormPeakDetector, SwapDecision, SwapDetector
 from lightning_twophase.fallback import FallbackDecision, FallbackPolicy
+from lightning_twophase.objective import is_trial_evaluation
 from lightning_twophase.optim import ConjugateGradient, NonFiniteObjectiveError, StepDiagnostics
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "StepDiagnostics",
     "SwapDecision",
     "SwapDetector",
+    "is_trial_evaluation",
 ]
 __version__ = "0.1.0"

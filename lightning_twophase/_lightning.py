@@ -7,7 +7,7 @@ that changes one fails loudly there instead of silently elsewhere.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,14 +16,16 @@ import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.core.optimizer import _configure_schedulers_automatic_opt
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
     "TrainerSettings",
+    "backward_sync_blocked",
     "batch_loss",
+    "is_last_batch",
     "logging_suppressed",
     "scheduler_configs",
     "set_callback_metric",
@@ -129,6 +131,24 @@ def batch_loss(outputs: Any, trainer: pl.Trainer) -> Tensor | None:
     if not isinstance(loss, Tensor):
         return None
     return loss.detach().float() * trainer.accumulate_grad_batches
+
+
+def is_last_batch(trainer: pl.Trainer) -> bool:
+    """Whether the batch the training loop is on is the epoch's last.
+
+    Lightning knows it before ``on_train_batch_start`` (its data fetcher looks one batch ahead), also for data of
+    unknown length; ``on_train_batch_start`` returning -1 ends the epoch after the hook, which this cannot foresee.
+    """
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def backward_sync_blocked(trainer: pl.Trainer) -> AbstractContextManager[Any]:
+    """A context in which the training loop's backward pass leaves the gradients rank-local (DDP's ``no_sync``, as
+    Lightning's own gradient accumulation uses it); a null context for strategies that do not synchronise."""
+    strategy = trainer.strategy
+    if isinstance(strategy, ParallelStrategy):
+        return strategy.block_backward_sync()  # type: ignore[return-value]
+    return nullcontext()
 
 
 def unsupported_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:

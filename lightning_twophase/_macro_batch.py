@@ -2,18 +2,20 @@
 
 The CG phase's optimizer as the Trainer sees it. Lightning still calls ``step(closure)`` once per mini-batch, so the
 progress bar, ``training_step``'s logging, validation and checkpointing all work as usual. Each call runs the training
-loop's own forward and backward pass for the current batch (which the CG phase supplies); the batch's loss and
-gradient are added up (weighted by batch size) and the batch is kept. After the last batch of the macro-batch
-(``batches_per_step`` batches, or the rest of the epoch) the wrapped optimizer takes one step on
-:class:`~lightning_twophase.objective.TrainingObjective`: its start point is known from the accumulated pass, and its
-line search evaluates trial points on the kept batches. Each such step hands one :class:`MacroBatchStep` to the
-CG phase.
+loop's own forward and backward pass for the current batch (which the CG phase supplies), with the gradient kept
+rank-local; the batch's loss and gradient are added up (weighted by batch size) and the batch is kept. After the last
+batch of the macro-batch (``batches_per_step`` batches, or the rest of the epoch) the sums are added up across ranks
+and the wrapped optimizer takes one step on :class:`~lightning_twophase.objective.TrainingObjective`: its start point
+is known from the accumulated pass, and its line search evaluates trial points on the kept batches. Each such step
+hands one :class:`MacroBatchStep` to the CG phase.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_twophase.objective import TrainingObjective
+from lightning_twophase.objective import ModuleState, TrainingObjective
 from lightning_twophase.optim.conjugate_gradient import NonFiniteObjectiveError, StepDiagnostics
 
 __all__ = ["MacroBatchStep"]  # the adapter itself is private to the CG phase
@@ -36,8 +38,9 @@ class MacroBatchStep:
 
     Attributes:
         diagnostics: the wrapped optimizer's diagnostics, if it keeps any (``ConjugateGradient`` does).
-        non_finite: the error the wrapped optimizer raised at a non-finite start (the parameters are unchanged),
-            when the adapter was told not to re-raise it.
+        non_finite: why no step was taken, if the loss or gradient where it would have started was not finite (the
+            parameters are unchanged).
+        non_finite_batches: indices of the batches (on this rank) whose loss was not finite.
         forward_samples: samples this rank passed forward for the macro-batch: the training loop's passes and the
             trial evaluations.
         backward_samples: samples this rank passed backward.
@@ -45,7 +48,8 @@ class MacroBatchStep:
     """
 
     diagnostics: StepDiagnostics | None
-    non_finite: NonFiniteObjectiveError | None
+    non_finite: str | None
+    non_finite_batches: list[int]
     forward_samples: int
     backward_samples: int
 
@@ -60,8 +64,12 @@ class _MacroBatchOptimizer(Optimizer):
         current_batch: supplies the batch each ``step()`` call belongs to.
         on_step: receives the result of every macro-batch step.
         batches_per_step: mini-batches per macro-batch; ``None`` means the whole epoch (full-batch, the paper's CG).
-        raise_on_non_finite: re-raise :class:`~lightning_twophase.NonFiniteObjectiveError` from the wrapped optimizer;
-            if ``False`` it is reported in the step's result (the parameters are intact).
+        loop_pass: a context for the training loop's own pass, in which its backward leaves the gradient rank-local
+            (DDP's ``no_sync``): the sums are added up across ranks once per macro-batch instead.
+        capture_state: the module's plain attributes before a loop's pass, for the trial evaluations of that batch.
+        on_params_added: told of parameters added to the optimizer after the swap (the fallback's optimizer must
+            know them too).
+        warn: how to warn (rank zero only, in a Trainer).
 
     """
 
@@ -72,7 +80,10 @@ class _MacroBatchOptimizer(Optimizer):
         current_batch: BatchSource,
         on_step: Callable[[MacroBatchStep], None],
         batches_per_step: int | None = None,
-        raise_on_non_finite: bool = True,
+        loop_pass: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        capture_state: Callable[[], ModuleState | None] = lambda: None,
+        on_params_added: Callable[[list[Tensor]], None] = lambda params: None,
+        warn: Callable[[str], None] = warnings.warn,
     ) -> None:
         if batches_per_step is not None and batches_per_step < 1:
             raise ValueError(f"`batches_per_step` must be at least 1 or None, got {batches_per_step}.")
@@ -85,13 +96,17 @@ class _MacroBatchOptimizer(Optimizer):
         self.optimizer = optimizer
         self.objective = objective
         self.batches_per_step = batches_per_step
-        self.raise_on_non_finite = raise_on_non_finite
         self._current_batch = current_batch
         self._on_step = on_step
+        self._loop_pass = loop_pass
+        self._capture_state = capture_state
+        self._on_params_added = on_params_added
+        self._warn = warn
         self._accepts_value_closure = "value_closure" in inspect.signature(optimizer.step).parameters
         self._params = [p for p in params if p.requires_grad]
         self._grad_sum: list[Tensor] | None = None
         self._loss_sum: Tensor | None = None
+        self._finite: list[tuple[int, Tensor]] = []  # (batch_idx, whether its loss was finite), read once per step
         self._loop_samples = 0
         #: Macro-batch steps taken (also the iteration counter of the random seeds; saved with the state).
         self.steps = 0
@@ -101,6 +116,7 @@ class _MacroBatchOptimizer(Optimizer):
         self.objective.clear()
         self._loss_sum = None
         self._loop_samples = 0
+        self._finite.clear()
         if self._grad_sum is not None:
             torch._foreach_zero_(self._grad_sum)
 
@@ -112,11 +128,13 @@ class _MacroBatchOptimizer(Optimizer):
                 "The CG phase's optimizer needs the training loop's closure (forward and backward of the batch)."
             )
         batch, batch_idx, last_in_epoch = self._current_batch()
-        with self.objective.seeded(len(self.objective)):
+        state = self._capture_state()
+        with self.objective.seeded(len(self.objective)), self._loop_pass():
             loss = closure()
         if loss is not None:
-            size = self.objective.add(batch, batch_idx)
+            size = self.objective.add(batch, batch_idx, state)
             self._accumulate(loss, size)
+            self._finite.append((batch_idx, torch.isfinite(loss.detach())))
             self._loop_samples += size
         full = self.batches_per_step is not None and len(self.objective) >= self.batches_per_step
         if full or last_in_epoch:
@@ -139,17 +157,16 @@ class _MacroBatchOptimizer(Optimizer):
         if len(self.objective) == 0:
             return
         assert self._grad_sum is not None and self._loss_sum is not None
-        count = self.objective.num_samples
-        # The gradient at the start point: the exact size-weighted mean over the macro-batch.
-        torch._foreach_mul_(self._grad_sum, 1.0 / count)
+        # The start point: the exact sample-weighted means over the macro-batch of every rank.
+        start_loss = float(self.objective.global_mean_(self._loss_sum, self.objective.num_samples, self._grad_sum))
         for p, mean_grad in zip(self._params, self._grad_sum):
             if p.grad is None:
                 p.grad = mean_grad.clone()
             else:
                 p.grad.copy_(mean_grad)
-        start_loss = float(self.objective.global_mean(self._loss_sum, count))
         forward_before, backward_before = self.objective.forward_samples, self.objective.backward_samples
         loop_samples = self._loop_samples
+        non_finite_batches = [index for index, finite in self._finite if not bool(finite)]
         self.objective.set_start(start_loss)
         non_finite = None
         try:
@@ -159,23 +176,38 @@ class _MacroBatchOptimizer(Optimizer):
                 else:
                     self.optimizer.step(self.objective.closure)
         except NonFiniteObjectiveError as error:
-            if self.raise_on_non_finite:
-                raise
-            non_finite = error
+            non_finite = str(error)
         finally:
             forward = loop_samples + self.objective.forward_samples - forward_before
             backward = loop_samples + self.objective.backward_samples - backward_before
             self.discard()
         self.steps += 1
         self.objective.iteration = self.steps
-        self._on_step(MacroBatchStep(getattr(self.optimizer, "diagnostics", None), non_finite, forward, backward))
+        diagnostics = getattr(self.optimizer, "diagnostics", None)
+        self._on_step(MacroBatchStep(diagnostics, non_finite, non_finite_batches, forward, backward))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Parameters added after the swap (``BaseFinetuning`` unfreezing a layer) join the macro-batch gradient and
+        the wrapped optimizer; a partly accumulated macro-batch, which lacks their gradient, is dropped."""
+        if "optimizer" not in self.__dict__:  # Optimizer.__init__ adds the initial groups
+            super().add_param_group(param_group)
+            return
+        self.discard()
+        params = [param_group["params"]] if isinstance(param_group["params"], Tensor) else list(param_group["params"])
+        self.optimizer.add_param_group({"params": params})
+        added = [p for p in params if p.requires_grad]
+        self._params.extend(added)
+        if self._grad_sum is not None:
+            self._grad_sum.extend(torch.zeros_like(p) for p in added)
+        self.objective.params.extend(added)
+        self._on_params_added(added)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state["macro_batch"] = {"steps": self.steps}
+        state["macro_batch"] = {"steps": self.steps, "optimizer": type(self.optimizer).__name__}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -183,7 +215,30 @@ class _MacroBatchOptimizer(Optimizer):
         macro = state_dict.pop("macro_batch", {"steps": 0})
         self.steps = macro["steps"]
         self.objective.iteration = self.steps
+        saved_type, own_type = macro.get("optimizer", type(self.optimizer).__name__), type(self.optimizer).__name__
+        if saved_type != own_type:
+            self._warn(
+                f"ConvexitySwapCallback: the checkpoint's CG phase used {saved_type}, this run builds {own_type} "
+                f"(optimizer_factory or optimizer_kwargs changed): {own_type} starts afresh from the checkpoint's "
+                "weights."
+            )
+            return
+        options = {key: value for key, value in self.optimizer.defaults.items()}
         self.optimizer.load_state_dict(state_dict)
         # torch's load_state_dict replaces the wrapped optimizer's state and groups: share them again.
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
+        # The options asked for now win over the checkpoint's; say what changed.
+        changed = {
+            key: (group[key], value)
+            for group in self.param_groups
+            for key, value in options.items()
+            if key in group and group[key] != value
+        }
+        for group in self.param_groups:
+            group.update({key: new for key, (_, new) in changed.items()})
+        if changed:
+            described = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items())
+            self._warn(
+                f"ConvexitySwapCallback: the CG options changed since the checkpoint ({described}); the new ones apply."
+            )

@@ -17,7 +17,6 @@ CG phase in ``on_fit_start``, before Lightning restores the optimizer states.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_twophase import monitoring, settings, tags
-from lightning_twophase._lightning import set_callback_metric, unsupported_settings
+from lightning_twophase._lightning import is_last_batch, set_callback_metric, unsupported_settings
 from lightning_twophase.detection import GradientNormPeakDetector, SwapDetector
 from lightning_twophase.fallback import FallbackPolicy
 from lightning_twophase.optim import ConjugateGradient
@@ -142,6 +141,7 @@ class ConvexitySwapCallback(Callback):
         detection = {name: value for name, value in locals().items() if name in settings.DETECTION_DEFAULTS}
         settings.check_arguments(detection, detector, check_every_n_steps, cg_phase, preconditioner)
         settings.check_fallback_arguments(fallback_after_failures, fallback_loss_window, fallback_loss_rtol)
+        settings.check_second_phase_arguments(optimizer_kwargs, max_cached_bytes)
         if optimizer_kwargs is not None and optimizer_factory is not None:
             raise ValueError("ConvexitySwapCallback: pass `optimizer_kwargs` or `optimizer_factory`, not both.")
         self._detection = settings.detection_settings(detection)
@@ -219,8 +219,7 @@ class ConvexitySwapCallback(Callback):
         if stage != "fit":
             return
         problems = unsupported_settings(trainer, pl_module)
-        if self.detector is None:
-            problems += settings.resolve_fractions(self._detection, trainer.max_epochs)
+        problems += settings.resolve_fractions(self._detection, trainer.max_epochs)
         settings.refuse(problems)
         if self.detector is None:
             self.detector = GradientNormPeakDetector(**self._detection)
@@ -231,6 +230,11 @@ class ConvexitySwapCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         settings.refuse(settings.optimizer_problems(trainer.optimizers))
+        config = self._phases.cg_config
+        if not self.detect_only:
+            settings.refuse(
+                settings.second_phase_problems(trainer.optimizers[0], config.build_optimizer, config.scheduler_factory)
+            )
         if self._resumed_phase is not None:
             # After the swap this installs CG now, before Lightning restores the optimizer states.
             state, self._resumed_phase = self._resumed_phase, None
@@ -268,14 +272,23 @@ class ConvexitySwapCallback(Callback):
         decision = self._phase.on_train_batch_end(trainer, outputs, batch)
         if decision is not None:  # identical on every rank: the CG phase decides on reduced numbers only
             self._leave_phase(trainer, pl_module, decision, epoch=trainer.current_epoch)
-        step = trainer.global_step
-        if self.check_every_n_steps is not None and step % self.check_every_n_steps == 0 and step != self._last_check:
+        # The epoch's check comes with its last batch: before validation and the checkpoints it may trigger.
+        last = is_last_batch(trainer)
+        epochs_done, step = trainer.current_epoch + int(last), trainer.global_step
+        if self.check_every_n_steps is None:
+            if last:
+                self._check(trainer, pl_module, epochs_done, at_epoch_end=True)
+        elif step % self.check_every_n_steps == 0 and step != self._last_check:
             # global_step only moves when the optimizer steps: under accumulation several batches share a step.
             self._last_check = step
-            self._check(trainer, pl_module, epochs_done=trainer.current_epoch, at_epoch_end=False)
+            self._check(trainer, pl_module, epochs_done, at_epoch_end=last)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # An epoch that ended before its last batch (on_train_batch_start returned -1) is checked here.
+        decision = self._phase.on_train_epoch_end(trainer)
+        if decision is not None:
+            self._leave_phase(trainer, pl_module, decision, epoch=trainer.current_epoch + 1)
         if self.check_every_n_steps is None:
             self._check(trainer, pl_module, epochs_done=trainer.current_epoch + 1, at_epoch_end=True)
 
@@ -312,11 +325,7 @@ class ConvexitySwapCallback(Callback):
         if log_dir is not None:
             monitoring.write_history_csv(self.history, Path(log_dir) / "twophase_history.csv")
         if self.swap_reason is None:
-            peak = getattr(self.detector, "peak", math.nan)
-            rank_zero_info(
-                f"ConvexitySwapCallback: no swap point was found in {trainer.current_epoch} epochs "
-                f"(peak gradient norm {peak:.4g})."
-            )
+            rank_zero_info(monitoring.no_swap_message(self.history, trainer.current_epoch, self.detector))
 
     @override
     def state_dict(self) -> dict[str, Any]:

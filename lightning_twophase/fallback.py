@@ -67,10 +67,6 @@ class FallbackPolicy:
         self.consecutive_failures = 0
         self.check_losses: list[float] = []
 
-    def non_finite(self, message: str) -> FallbackDecision:
-        """The CG step met a NaN or infinite loss or gradient where it began."""
-        return FallbackDecision(True, f"the loss or gradient was not finite at the CG step: {message}")
-
     def iteration(self, failed: bool) -> FallbackDecision:
         """One CG iteration is done; ``failed`` if its line search found no decrease."""
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0

@@ -12,6 +12,7 @@ __all__ = [
     "log_figure",
     "log_scalars",
     "log_text",
+    "no_swap_message",
     "norm_vs_loss_figure",
     "render_rgb",
     "save_figure",
@@ -158,3 +159,17 @@ def write_history_csv(history: Sequence[dict[str, Any]], path: str | Path) -> No
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(history)
+
+
+def no_swap_message(history: Sequence[dict[str, Any]], epochs: int, detector: Any) -> str:
+    """Why training ended without a swap, for the closing line."""
+    finite = [r for r in history if math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])]
+    if history and not finite:
+        return (
+            f"ConvexitySwapCallback: no swap point was found in {epochs} epochs: every check had a non-finite loss or "
+            f"gradient norm (the last: loss {history[-1]['loss']}, gradient norm {history[-1]['grad_norm']}); "
+            "check the data and the model for NaN or overflow."
+        )
+    peak = getattr(detector, "peak", None)
+    detail = f" (peak gradient norm {peak:.4g})" if isinstance(peak, float) else ""
+    return f"ConvexitySwapCallback: no swap point was found in {epochs} epochs{detail}."

@@ -6,9 +6,14 @@ its size. The batches are the very tensors the training loop produced (augmentat
 iteration, so every trial point of a line search sees the same data; a per-batch random seed makes dropout and any
 other randomness in ``training_step`` repeat too.
 
+Python's ``random`` and numpy's global generator are seeded the same way.
+
 Trial evaluations leave no trace: ``self.log`` is silenced, module buffers (batch-norm statistics) and torchmetrics
-states are restored afterwards, and DDP's gradient hooks are not involved (gradients come from
-``torch.autograd.grad`` and are averaged across ranks here, in one collective).
+states are restored afterwards, and so are the module's plain attributes (a list ``training_step`` appends to, a
+state it carries from one step to the next): each trial evaluation of a batch starts from the attributes the training
+loop's pass of that batch saw. :func:`is_trial_evaluation` tells user code which evaluation it is in. DDP's gradient
+hooks are not involved (gradients come from ``torch.autograd.grad``), and under data parallelism the objective and its
+gradient are the mean over every sample of every rank, whatever the shard sizes.
 
 :class:`TrainingObjective` itself knows nothing of Lightning: it evaluates a loss function of ``(batch, batch_idx)``.
 :func:`lightning_objective` builds it for a Trainer and a LightningModule.
@@ -16,9 +21,11 @@ states are restored afterwards, and DDP's gradient hooks are not involved (gradi
 
 from __future__ import annotations
 
+import random
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any
 
 import lightning.pytorch as pl
@@ -29,9 +36,71 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 
 from lightning_twophase._lightning import logging_suppressed
-from lightning_twophase.optim.distributed import all_reduce_mean_, is_distributed, reduce_decision_scalars
+from lightning_twophase.optim.distributed import all_reduce_sum_, is_distributed, reduce_decision_scalars
 
-__all__ = ["TrainingObjective", "batch_nbytes", "lightning_objective", "training_step_loss"]
+__all__ = [
+    "TrainingObjective",
+    "batch_nbytes",
+    "is_trial_evaluation",
+    "lightning_objective",
+    "module_state",
+    "restore_module_state",
+    "training_step_loss",
+]
+
+_in_trial = ContextVar("lightning_twophase_trial_evaluation", default=False)
+
+
+def is_trial_evaluation() -> bool:
+    """Whether the code running now is a line-search trial evaluation of the CG phase, not a training step.
+
+    ``training_step`` runs again at every trial point of a line search. Code with side effects that should happen once
+    per real training step (appending to a list of outputs, counting steps, updating a carried state by hand) can skip
+    them here::
+
+        def training_step(self, batch, batch_idx):
+            loss = ...
+            if not is_trial_evaluation():
+                self.training_step_outputs.append(loss.detach())
+            return loss
+
+    (The module's plain attributes are restored after trial evaluations anyway; this is for effects elsewhere.)
+    """
+    return _in_trial.get()
+
+
+#: A module's plain attributes: ``{name: (value, copy of its contents if it is a list, dict or set)}``.
+ModuleState = dict[str, tuple[Any, Any]]
+
+
+def module_state(module: nn.Module) -> ModuleState:
+    """The module's public attributes that are data: not submodules, parameters, buffers or methods."""
+    state: ModuleState = {}
+    for name, value in vars(module).items():
+        if name.startswith("_") or callable(value):
+            continue
+        contents = value.copy() if isinstance(value, (list, dict, set)) else None
+        state[name] = (value, contents)
+    return state
+
+
+def restore_module_state(module: nn.Module, state: ModuleState) -> None:
+    """Put the attributes back as ``state`` has them: the same objects, with the same contents; new ones removed.
+
+    Tensors changed in place are not restored (only reassigned ones are).
+    """
+    attributes = vars(module)
+    for name in [name for name in attributes if name not in state and not name.startswith("_")]:
+        if not callable(attributes[name]):
+            del attributes[name]
+    for name, (value, contents) in state.items():
+        attributes[name] = value
+        if isinstance(value, list):
+            value[:] = contents
+        elif contents is not None:
+            value.clear()
+            value.update(contents)
+
 
 #: ``loss_fn(batch, batch_idx)``: the loss of one stored batch, or ``None`` to skip it.
 LossFunction = Callable[[Any, int], "Tensor | None"]
@@ -101,7 +170,8 @@ class TrainingObjective:
         self.seed = seed
         self.quiet = quiet
         self.iteration = 0
-        self._batches: list[tuple[Any, int, int, bool]] = []  # (batch, batch_idx, size, on_device)
+        # (batch, batch_idx, size, on_device, the module's attributes before the loop's pass of the batch)
+        self._batches: list[tuple[Any, int, int, bool, ModuleState | None]] = []
         self._device_bytes = 0
         self._start_loss: float | None = None
         #: Samples passed forward and backward by trial evaluations (for compute accounting).
@@ -115,13 +185,14 @@ class TrainingObjective:
     @property
     def num_samples(self) -> int:
         """Samples stored on this rank."""
-        return sum(size for _, _, size, _ in self._batches)
+        return sum(entry[2] for entry in self._batches)
 
     def __len__(self) -> int:
         return len(self._batches)
 
-    def add(self, batch: Any, batch_idx: int) -> int:
-        """Keep a batch for this iteration and return its size."""
+    def add(self, batch: Any, batch_idx: int, state: ModuleState | None = None) -> int:
+        """Keep a batch for this iteration and return its size; ``state``: the module's attributes before the training
+        loop's pass of this batch (see :func:`module_state`), which trial evaluations of the batch start from."""
         size = extract_batch_size(batch)
         nbytes = batch_nbytes(batch)
         on_device = self._device_bytes + nbytes <= self.max_device_bytes
@@ -129,7 +200,7 @@ class TrainingObjective:
             self._device_bytes += nbytes
         else:
             batch = apply_to_collection(batch, Tensor, lambda t: t.to("cpu"))
-        self._batches.append((batch, batch_idx, size, on_device))
+        self._batches.append((batch, batch_idx, size, on_device, state))
         return size
 
     def clear(self) -> None:
@@ -140,13 +211,25 @@ class TrainingObjective:
 
     @contextmanager
     def seeded(self, position: int) -> Iterator[None]:
-        """Run with the random state of the batch at ``position`` in this iteration (same at every trial point)."""
-        key = f"{self.seed}:{self.iteration}:{position}:{self.rank}".encode()
+        """Run with the random state of the batch at ``position`` in this iteration (same at every trial point): torch's
+        generators, Python's ``random`` and numpy's global generator, all restored afterwards."""
+        seed = zlib.crc32(f"{self.seed}:{self.iteration}:{position}:{self.rank}".encode())
         device = self.device
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-            torch.manual_seed(zlib.crc32(key))
-            yield
+        python_state = random.getstate()
+        numpy_random = _numpy_random()
+        numpy_state = numpy_random.get_state() if numpy_random is not None else None
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                if numpy_random is not None:
+                    numpy_random.seed(seed)
+                yield
+        finally:
+            random.setstate(python_state)
+            if numpy_random is not None:
+                numpy_random.set_state(numpy_state)
 
     # ------------------------------------------------------------------------------------------------------------
     # Evaluations
@@ -160,19 +243,14 @@ class TrainingObjective:
         self._start_loss = mean_loss
 
     def _loss_on(self, position: int) -> tuple[Tensor | None, int]:
-        batch, batch_idx, size, on_device = self._batches[position]
+        batch, batch_idx, size, on_device, state = self._batches[position]
         if not on_device:
             batch = self.to_device(batch)
+        if state is not None:
+            restore_module_state(self.module, state)
         with self.seeded(position):
             loss = self.loss_fn(batch, batch_idx)
         return loss, size
-
-    def global_mean(self, total: Tensor, count: int) -> Tensor:
-        """The loss averaged over every sample of every rank."""
-        local = torch.stack([total.detach().double(), total.new_tensor(float(count), dtype=torch.float64)])
-        if is_distributed():
-            local, _ = reduce_decision_scalars(local, None)
-        return local[0] / local[1]
 
     def value(self) -> Tensor:
         """The mean loss over the stored batches (forward passes only, no autograd graph)."""
@@ -185,10 +263,10 @@ class TrainingObjective:
                     total += loss.detach().double() * size
                     count += size
         self.forward_samples += count
-        return self.global_mean(total, count)
+        return self.global_mean_(total, count, [])
 
     def value_and_gradient(self) -> Tensor:
-        """The mean loss, with its gradient written to ``p.grad`` (averaged across ranks)."""
+        """The mean loss, with its gradient written to ``p.grad``: means over every sample of every rank."""
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -196,27 +274,34 @@ class TrainingObjective:
                 p.grad.zero_()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        weights_total = self.num_samples
         for position in range(len(self._batches)):
             with torch.enable_grad():
                 loss, size = self._loss_on(position)
                 if loss is None:
                     continue
-                # autograd.grad leaves DDP's reducer out of it; the ranks are averaged below in one collective.
-                grads = torch.autograd.grad(loss * (size / weights_total), self.params, allow_unused=True)
+                # autograd.grad leaves DDP's reducer out of it; the ranks are added up below.
+                grads = torch.autograd.grad(loss * size, self.params, allow_unused=True)
             for p, grad in zip(self.params, grads):
                 if grad is not None:
                     p.grad.add_(grad)
             total += loss.detach().double() * size
             count += size
-        if count != weights_total:
-            # Some batches returned None: renormalise to the batches that did contribute.
-            for p in self.params:
-                p.grad.mul_(weights_total / max(count, 1))
-        all_reduce_mean_([p.grad for p in self.params])
         self.forward_samples += count
         self.backward_samples += count
-        return self.global_mean(total, count)
+        return self.global_mean_(total, count, [p.grad for p in self.params])
+
+    def global_mean_(self, total: Tensor, count: int, grad_sums: list[Tensor]) -> Tensor:
+        """The mean loss over every sample of every rank, from this rank's sum ``total`` over ``count`` samples; the
+        sample-weighted gradient sums ``grad_sums`` become the global mean gradient in place."""
+        local = torch.stack([total.detach().double(), total.new_tensor(float(count), dtype=torch.float64)])
+        if is_distributed():
+            _, sums = reduce_decision_scalars(local[:0], local)
+            assert sums is not None
+            local = sums
+            all_reduce_sum_(grad_sums)
+        if grad_sums:
+            torch._foreach_div_(grad_sums, float(local[1]))
+        return local[0] / local[1]
 
     def closure(self) -> Tensor:
         """The closure for :meth:`ConjugateGradient.step`: loss and gradient at the current parameters.
@@ -230,18 +315,23 @@ class TrainingObjective:
 
     @contextmanager
     def side_effects_suspended(self) -> Iterator[None]:
-        """Run trial evaluations without leaving a trace in logs, module buffers or torchmetrics states."""
+        """Run trial evaluations without leaving a trace in logs, module buffers, torchmetrics states or the module's
+        plain attributes; :func:`is_trial_evaluation` is true inside."""
         buffers = [b for b in self.module.buffers() if b is not None]
         saved_buffers = [b.detach().clone() for b in buffers]
         metric_states = _metric_states(self.module)
+        attributes = module_state(self.module)
+        token = _in_trial.set(True)
         with self.quiet():
             try:
                 yield
             finally:
+                _in_trial.reset(token)
                 with torch.no_grad():
                     for buffer, saved in zip(buffers, saved_buffers):
                         buffer.copy_(saved)
                 _restore_metric_states(metric_states)
+                restore_module_state(self.module, attributes)
 
 
 def lightning_objective(
@@ -297,3 +387,12 @@ def _clone(value: Any) -> Any:
     if isinstance(value, list):
         return [_clone(v) for v in value]
     return value
+
+
+def _numpy_random() -> Any:
+    """numpy's global ``random`` module if numpy is installed (it comes with torch), else ``None``."""
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover
+        return None
+    return numpy.random

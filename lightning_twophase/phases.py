@@ -20,18 +20,26 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_twophase import monitoring, tags
-from lightning_twophase._lightning import TrainerSettings, batch_loss, scheduler_configs, set_callback_metric
+from lightning_twophase._lightning import (
+    TrainerSettings,
+    backward_sync_blocked,
+    batch_loss,
+    is_last_batch,
+    scheduler_configs,
+    set_callback_metric,
+)
 from lightning_twophase._macro_batch import MacroBatchStep, _MacroBatchOptimizer
 from lightning_twophase.detection import SwapDetector
 from lightning_twophase.fallback import FallbackDecision, FallbackPolicy
-from lightning_twophase.objective import lightning_objective
-from lightning_twophase.optim import ConjugateGradient
+from lightning_twophase.objective import lightning_objective, module_state
+from lightning_twophase.optim import ConjugateGradient, NonFiniteObjectiveError
 from lightning_twophase.optim.distributed import broadcast_
 from lightning_twophase.preconditioning import second_moment_preconditioner
 
@@ -125,6 +133,10 @@ class Phase:
         """A training batch is done; a decision to leave the phase at once, if any."""
         return None
 
+    def on_train_epoch_end(self, trainer: pl.Trainer) -> PhaseDecision | None:
+        """The epoch is over (possibly before its last batch); a decision to leave the phase at once, if any."""
+        return None
+
     def measure(self, trainer: pl.Trainer) -> tuple[float, float] | None:
         """The mean loss and gradient norm since the previous check, identical on every rank; ``None`` if nothing."""
         raise NotImplementedError
@@ -143,6 +155,9 @@ class Phase:
     def state_dict(self) -> dict[str, Any]:
         """What the phase needs to be rebuilt on resume (besides the run record and the detector)."""
         return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from what :meth:`state_dict` wrote."""
 
 
 class FirstPhase(Phase):
@@ -175,6 +190,17 @@ class FirstPhase(Phase):
         self._norm_sum: Tensor | None = None
         self._norm_steps = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        # A checkpoint written between two checks (at a mid-epoch validation, say) carries what was added up so far.
+        sums = [None if total is None else float(total) for total in (self._loss_sum, self._norm_sum)]
+        return {"pending": [sums[0], self._loss_batches, sums[1], self._norm_steps]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the sums of a checkpoint written between two checks."""
+        loss_sum, self._loss_batches, norm_sum, self._norm_steps = state.get("pending", [None, 0, None, 0])
+        self._loss_sum = None if loss_sum is None else torch.tensor(loss_sum, dtype=torch.float32)
+        self._norm_sum = None if norm_sum is None else torch.tensor(norm_sum, dtype=torch.float32)
+
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
@@ -183,13 +209,13 @@ class FirstPhase(Phase):
         device = grads[0].device
         norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads)])
         norm = torch.linalg.vector_norm(norms)
-        self._norm_sum = norm if self._norm_sum is None else self._norm_sum + norm
+        self._norm_sum = norm if self._norm_sum is None else self._norm_sum.to(norm.device) + norm
         self._norm_steps += 1
 
     def on_train_batch_end(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> PhaseDecision | None:
         loss = batch_loss(outputs, trainer)
         if loss is not None:
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum.to(loss.device) + loss
             self._loss_batches += 1
             self.record.compute += trainer.world_size * 3 * extract_batch_size(batch)
         return None
@@ -324,7 +350,10 @@ class CGPhase(Phase):
             current_batch=lambda: self._current,
             on_step=self._results.append,
             batches_per_step=config.batches_per_step,
-            raise_on_non_finite=not config.fallback,
+            loop_pass=lambda: backward_sync_blocked(trainer),
+            capture_state=lambda: module_state(pl_module),
+            on_params_added=self._add_to_first_optimizer,
+            warn=rank_zero_warn,
         )
         self.policy = config.policy()
         if policy_state is not None:
@@ -382,10 +411,18 @@ class CGPhase(Phase):
         self.adapter.discard()  # a macro-batch left over by an epoch that ended early
 
     def on_train_batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
-        self._current = (batch, batch_idx, batch_idx + 1 >= trainer.num_training_batches)
+        self._current = (batch, batch_idx, is_last_batch(trainer))
 
     def on_train_batch_end(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> PhaseDecision | None:
         self._current = (None, 0, False)  # the batch is not kept beyond its step
+        return self._after_steps(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer) -> PhaseDecision | None:
+        # An epoch that ended before its last batch (on_train_batch_start returned -1): step on what it kept.
+        self.adapter.finish()
+        return self._after_steps(trainer)
+
+    def _after_steps(self, trainer: pl.Trainer) -> PhaseDecision | None:
         decision = None
         while self._results and decision is None:
             decision = self._after_step(trainer, self._results.pop(0))
@@ -394,7 +431,13 @@ class CGPhase(Phase):
     def _after_step(self, trainer: pl.Trainer, step: MacroBatchStep) -> PhaseDecision | None:
         self.record.compute += trainer.world_size * (step.forward_samples + 2 * step.backward_samples)
         if step.non_finite is not None:
-            return self._fallback_decision(self.policy.non_finite(str(step.non_finite)))
+            # Never hand a non-finite objective to a gradient method (the fallback): stop, weights intact.
+            where = f" on batches {step.non_finite_batches} of epoch {trainer.current_epoch}"
+            raise NonFiniteObjectiveError(
+                f"ConvexitySwapCallback: the CG phase stopped training at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step}, with the weights as they were before the step. The training loss was not "
+                f"finite{where if step.non_finite_batches else ''}. {step.non_finite}"
+            )
         diagnostics = step.diagnostics
         if diagnostics is None:
             return None
@@ -456,6 +499,11 @@ class CGPhase(Phase):
         monitoring.log_text(trainer, tags.FALLBACK_TEXT, message, trainer.global_step)
         return self.successor()
 
+    def _add_to_first_optimizer(self, params: list[Tensor]) -> None:
+        # The fallback's optimizer trains them too, with its own defaults.
+        if self.first.optimizers:
+            self.first.optimizers[0].add_param_group({"params": params})
+
     def close(self) -> None:
         self.adapter.discard()
 
@@ -509,8 +557,16 @@ class PhaseFactory:
     def restore(self, name: str, state: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule) -> Phase:
         """The phase a checkpoint was written in."""
         if name == CGPhase.name:
+            if self.detect_only:
+                raise MisconfigurationException(
+                    "ConvexitySwapCallback(detect_only=True) cannot resume this checkpoint: it was written after the "
+                    "swap, and the optimizer state it holds is conjugate gradient's. Resume it without detect_only, "
+                    "or resume from a checkpoint written before the swap."
+                )
             return self.cg(trainer, pl_module, state)
-        return self.fallback() if name == "fallback" else self.first()
+        phase = self.fallback() if name == "fallback" else self.first()
+        phase.load_state_dict(state)
+        return phase
 
 
 def log_figure(trainer: pl.Trainer, record: RunRecord, save_dir: str | None = None) -> None:

@@ -4,14 +4,17 @@ training, each refusal naming the problem and the fix."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
+from lightning_twophase._lightning import scheduler_configs
 from lightning_twophase.detection import SwapDetector
+from lightning_twophase.optim import ConjugateGradient
 from lightning_twophase.phases import NO_PRECONDITIONER, SECOND_MOMENTS, PreconditionerFactory
 
 __all__ = [
@@ -73,7 +76,8 @@ def check_arguments(
         )
     if check_every_n_steps is not None and check_every_n_steps < 1:
         raise ValueError(f"ConvexitySwapCallback: `check_every_n_steps` must be >= 1, got {check_every_n_steps}.")
-    if not (cg_phase in (FULL_BATCH, MINI_BATCH) or (isinstance(cg_phase, int) and cg_phase >= 1)):
+    is_count = isinstance(cg_phase, int) and not isinstance(cg_phase, bool) and cg_phase >= 1
+    if not (cg_phase in (FULL_BATCH, MINI_BATCH) or is_count):
         raise ValueError(
             f"ConvexitySwapCallback: `cg_phase` must be 'full', 'minibatch' or a number of batches >= 1, "
             f"got {cg_phase!r}."
@@ -83,6 +87,60 @@ def check_arguments(
             f"ConvexitySwapCallback: `preconditioner` must be '{SECOND_MOMENTS}', '{NO_PRECONDITIONER}' or a "
             f"callable, got {preconditioner!r}."
         )
+
+
+def check_second_phase_arguments(optimizer_kwargs: dict[str, Any] | None, max_cached_bytes: int) -> None:
+    """The CG options, checked by building a ConjugateGradient with them now rather than at the swap."""
+    if not (isinstance(max_cached_bytes, int) and not isinstance(max_cached_bytes, bool) and max_cached_bytes >= 0):
+        raise ValueError(
+            f"ConvexitySwapCallback: `max_cached_bytes` must be a number of bytes >= 0, got {max_cached_bytes!r}."
+        )
+    if optimizer_kwargs is None:
+        return
+    try:
+        ConjugateGradient([torch.zeros(1, requires_grad=True)], **{**DEFAULT_CG_OPTIONS, **optimizer_kwargs})
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"ConvexitySwapCallback: `optimizer_kwargs` are not options of ConjugateGradient: {error}"
+        ) from error
+
+
+def second_phase_problems(
+    first: Optimizer, build_optimizer: Callable[[list[dict[str, Any]]], Optimizer], scheduler_factory: Any
+) -> list[str]:
+    """Build the second-phase optimizer and its scheduler on the first optimizer's parameter groups once, before
+    training, so that a factory that cannot serve them fails now and not at the swap."""
+    groups = [{"params": list(group["params"])} for group in first.param_groups]
+    try:
+        optimizer = build_optimizer(groups)
+    except Exception as error:
+        return [
+            f"`optimizer_factory` cannot build the second-phase optimizer on {len(groups)} parameter group(s): {error}"
+        ]
+    if scheduler_factory is not None:
+        try:
+            scheduler_configs(scheduler_factory(optimizer))
+        except Exception as error:
+            return [f"`scheduler_factory` cannot give the CG phase a scheduler: {error}"]
+    return []
+
+
+def swap_epoch_problems(fixed_swap_epoch: int | None, fraction: float | None, max_epochs: int | None) -> list[str]:
+    """A fixed swap epoch that leaves no epoch to one of the phases (the swap would never come, or come first)."""
+    if fixed_swap_epoch is None or max_epochs is None or max_epochs < 1:
+        return []
+    given = f"fixed_swap_epoch={fraction if fraction is not None else fixed_swap_epoch}"
+    if fixed_swap_epoch >= max_epochs:
+        return [
+            f"`{given}` is not below max_epochs={max_epochs}: the swap would never happen. Pass a smaller epoch or a "
+            "fraction of max_epochs"
+        ]
+    if fraction is not None and fixed_swap_epoch == 0:
+        return [
+            f"`{given}` of max_epochs={max_epochs} rounds to 0 epochs of the first optimizer; pass "
+            "fixed_swap_epoch=0 if conjugate gradient from the start is meant, or a larger fraction"
+        ]
+    return []
 
 
 def check_fallback_arguments(after_failures: int, loss_window: int | None, loss_rtol: float) -> None:
@@ -95,7 +153,9 @@ def check_fallback_arguments(after_failures: int, loss_window: int | None, loss_
 
 
 def resolve_fractions(detection: dict[str, Any], max_epochs: int | None) -> list[str]:
-    """Turn the epoch options given as fractions of ``max_epochs`` into epochs; the problems if there is none."""
+    """Turn the epoch options given as fractions of ``max_epochs`` into epochs; the problems if that cannot be done,
+    or if the fixed swap epoch leaves no epoch to one of the phases."""
+    given_fixed = detection["fixed_swap_epoch"]
     problems = []
     for name in ("fixed_swap_epoch", "max_swap_epoch"):
         value = detection[name]
@@ -104,7 +164,8 @@ def resolve_fractions(detection: dict[str, Any], max_epochs: int | None) -> list
                 problems.append(f"`{name}={value}` is a fraction of max_epochs, but the Trainer has no max_epochs")
             else:
                 detection[name] = round(value * max_epochs)
-    return problems
+    fraction = given_fixed if isinstance(given_fixed, float) else None
+    return problems or swap_epoch_problems(detection["fixed_swap_epoch"], fraction, max_epochs)
 
 
 def has_fraction(detection: dict[str, Any]) -> bool:
@@ -116,6 +177,11 @@ def epoch_setting(name: str, value: float | None) -> int | float | None:
     counts into floats, so 30.0 means 30 epochs."""
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(
+            f"ConvexitySwapCallback: `{name}` must be a number (an epoch count >= 0 or a fraction of max_epochs in "
+            f"(0, 1)), got {value!r} of type {type(value).__name__}."
+        )
     if 0 < value < 1:
         return float(value)
     if value >= 0 and float(value).is_integer():

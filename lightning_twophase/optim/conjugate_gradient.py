@@ -92,7 +92,7 @@ class StepDiagnostics:
         iterations: CG iterations made by this step (``max_iter`` unless it stopped early).
         restarted: whether the last iteration used the steepest-descent direction.
         restart_reason: why: ``"start"``, ``"periodic"``, ``"powell"``, ``"not_descent"``, ``"beta_not_finite"``,
-            ``"after_failure"`` or ``"preconditioner_changed"``; ``None`` if it did not restart.
+            ``"after_failure"``, ``"preconditioner_changed"`` or ``"parameters_added"``; ``None`` if it did not restart.
         line_search_status: ``"converged"``, ``"max_evals"``, ``"failed"``, ``"precision_limit"`` (no decrease, but
             none the loss could resolve: converged to its precision) or ``"not_run"`` (the gradient tolerance was met).
 
@@ -245,14 +245,13 @@ class ConjugateGradient(Optimizer):
             state.update(_INITIAL_GLOBAL_STATE)
         return state
 
-    def _buffer(self, name: str) -> list[Tensor]:
-        buffers = []
-        for p in self._params:
-            state = self.state[p]
-            if name not in state:
-                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buffers.append(state[name])
-        return buffers
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add parameters (a layer unfrozen during training); the next iteration restarts with steepest descent, and a
+        preconditioner, if set, covers the new parameters with ones."""
+        super().add_param_group(param_group)
+        _check_groups(self.param_groups[-1:], self.defaults)
+        if "iterations" in self.state.get(self._params[0], {}):
+            _include_new_parameters(self.state, self._params)
 
     @property
     def preconditioner(self) -> list[Tensor] | None:
@@ -328,8 +327,8 @@ class ConjugateGradient(Optimizer):
         start_grad_norm = math.nan
         for iteration in range(options["max_iter"]):
             grads = _gradients(params)
-            direction = self._buffer("direction")
-            prev_pgrad = self._buffer("prev_pgrad")
+            direction = _buffers(self.state, params, "direction")
+            prev_pgrad = _buffers(self.state, params, "prev_pgrad")
             with_direction_norm = options["beta"] == "hager_zhang" and state["has_direction"]
             dots = _iteration_dots(grads, prev_pgrad, direction, preconditioner, with_direction_norm, self._reduce)
             gz, gzp, gd = dots[0], dots[1], dots[2]
@@ -758,3 +757,22 @@ def _check_groups(param_groups: list[dict[str, Any]], defaults: dict[str, Any]) 
             )
         if any(p.is_sparse for p in group["params"]):
             raise ValueError("ConjugateGradient does not support sparse parameters.")
+
+
+def _include_new_parameters(state: dict[Tensor, dict[str, Any]], params: list[Tensor]) -> None:
+    """After parameters were added: restart the directions (they span other variables now), and give the new
+    parameters a preconditioner of ones if the others have one."""
+    global_state = state[params[0]]
+    if global_state["has_direction"]:
+        global_state.update(has_direction=False, reset_reason="parameters_added")
+    if "preconditioner" in global_state:
+        for p in params:
+            state[p].setdefault("preconditioner", torch.ones_like(p))
+
+
+def _buffers(state: dict[Tensor, dict[str, Any]], params: list[Tensor], name: str) -> list[Tensor]:
+    """The per-parameter buffer ``name`` of every parameter, created as zeros where missing."""
+    for p in params:
+        if name not in state[p]:
+            state[p][name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return [state[p][name] for p in params]

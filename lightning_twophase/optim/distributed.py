@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["DecisionReducer", "all_reduce_mean_", "broadcast_", "is_distributed", "reduce_decision_scalars"]
+__all__ = ["DecisionReducer", "all_reduce_sum_", "broadcast_", "is_distributed", "reduce_decision_scalars"]
 
 
 def is_distributed(group: dist.ProcessGroup | None = None) -> bool:
@@ -96,16 +96,14 @@ def _unflatten_into(flat: Tensor, bucket: list[Tensor]) -> None:
     torch._foreach_copy_(bucket, [piece.view_as(t) for piece, t in zip(pieces, bucket)])
 
 
-def all_reduce_mean_(tensors: list[Tensor], group: dist.ProcessGroup | None = None) -> None:
-    """Average a list of tensors across ranks in place (used for gradients computed outside DDP's hooks)."""
+def all_reduce_sum_(tensors: list[Tensor], group: dist.ProcessGroup | None = None) -> None:
+    """Add up a list of tensors across ranks in place (gradients computed outside DDP's hooks)."""
     if not is_distributed(group) or not tensors:
         return
-    world_size = dist.get_world_size(group)
     # One flat buffer per dtype/device, so that a model with many tensors costs one collective.
     for bucket in _buckets(tensors):
         flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat /= world_size
         _unflatten_into(flat, bucket)
 
 

@@ -98,7 +98,8 @@ def test_detect_only_never_swaps_but_reports_the_point():
 def test_step_based_checks():
     callback = ConvexitySwapCallback(check_every_n_steps=4, fixed_swap_epoch=1)
     trainer = fit(TinyClassifier(), callback, max_epochs=3)
-    assert [r["step"] for r in callback.history[:4]] == [4, 8, 12, 16]
+    # The swap at step 8, with the first epoch's last batch; the CG phase reports once per iteration (per epoch).
+    assert [r["step"] for r in callback.history[:4]] == [4, 8, 16, 24]
     assert callback.swap_step is not None and callback.swap_step % 4 == 0
     assert trainer.optimizers[0].optimizer.totals["iterations"] >= 2
 
@@ -155,6 +156,13 @@ def test_fraction_of_max_epochs():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def cpu_grad_scaler() -> Any:
+    """A GradScaler on the CPU (``torch.amp.GradScaler`` from torch 2.3, the CUDA one disabled before)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cpu")
+    return torch.cuda.amp.GradScaler(enabled=False)
+
+
 class ManualModule(TinyClassifier):
     def __init__(self) -> None:
         super().__init__()
@@ -190,7 +198,7 @@ class NoOptimizer(TinyClassifier):
         (TinyClassifier(), {"max_epochs": -1, "max_steps": 100, "fixed": 0.3}, "no max_epochs"),
         (
             TinyClassifier(),
-            {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]},
+            {"plugins": [MixedPrecision("16-mixed", "cpu", cpu_grad_scaler())]},
             "16-mixed",
         ),
     ],
@@ -349,7 +357,8 @@ class TurnsNaN(TinyClassifier):
         return loss * math.nan if self.current_epoch >= self.nan_from_epoch else loss
 
 
-def test_non_finite_loss_in_the_cg_phase_falls_back_with_weights_intact():
+def test_non_finite_loss_in_the_cg_phase_stops_with_weights_intact():
+    # Never handed to the first optimizer (a gradient method would turn every weight into NaN): a clear error.
     model = TurnsNaN(nan_from_epoch=2)
     callback = ConvexitySwapCallback(fixed_swap_epoch=1)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
@@ -361,10 +370,9 @@ def test_non_finite_loss_in_the_cg_phase_falls_back_with_weights_intact():
                 before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
 
     trainer.callbacks.append(Snapshot())
-    with pytest.warns(UserWarning, match="falling back to Adam"):
+    with pytest.raises(FloatingPointError, match="not finite on batches"):
         trainer.fit(model)
-    assert callback.phase == "fallback" and "not finite" in callback.fallback_reason
-    assert isinstance(trainer.optimizers[0], torch.optim.Adam)
+    assert callback.phase == "cg" and callback.fallback_reason is None
     # The CG step refused to move from its non-finite start: the weights are those the epoch began with.
     for name, value in model.state_dict().items():
         assert torch.isfinite(value).all() and torch.equal(value, before[name]), name
@@ -392,3 +400,73 @@ def test_repeated_line_search_failures_fall_back_to_the_first_optimizer():
     # The fallback resumed the very same Adam with its moments, and it went on stepping.
     step = next(iter(adam.state.values()))["step"]
     assert float(step) == 3 * trainer.num_training_batches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Second-phase settings and swap settings refused before the first phase, not at the swap
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class TwoGroups(TinyClassifier):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam([{"params": self.net[0].parameters()}, {"params": self.net[2].parameters()}])
+
+
+def lbfgs(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return torch.optim.LBFGS(groups, max_iter=1)
+
+
+def plateau(optimizer: torch.optim.Optimizer) -> Any:
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+
+
+@pytest.mark.parametrize(
+    ("model", "callback_kwargs", "trainer_overrides", "match"),
+    [
+        (TwoGroups(), {"optimizer_factory": lbfgs}, {}, "optimizer_factory.*per-parameter options"),
+        (TinyClassifier(), {"scheduler_factory": plateau}, {}, "scheduler_factory.*monitor"),
+        (TinyClassifier(), {"fixed_swap_epoch": 10}, {"max_epochs": 4}, "fixed_swap_epoch=10.*never"),
+        (TinyClassifier(), {"fixed_swap_epoch": 0.1}, {"max_epochs": 4}, "rounds to 0 epochs"),
+        (TinyClassifier(), {"fixed_swap_epoch": 0.9}, {"max_epochs": 2}, "never"),
+    ],
+    ids=["lbfgs-groups", "plateau-without-monitor", "fixed-beyond-max", "fraction-rounds-to-0", "fraction-to-max"],
+)
+def test_settings_that_would_fail_or_never_act_are_refused_before_training(
+    model, callback_kwargs, trainer_overrides, match
+):
+    callback = ConvexitySwapCallback(**callback_kwargs)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(**trainer_overrides))
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("option", "fixed", "expected_swap_epoch"),
+    [("fixed_swap_epoch", 2, 2), ("max_swap_epoch", 2, 2), ("min_epochs", 2, 2)],
+)
+def test_step_checks_count_the_epoch_that_just_ended(option, fixed, expected_swap_epoch):
+    CountingAdam.steps = 0
+    kwargs = {option: fixed}
+    if option == "min_epochs":
+        kwargs.update(factor=0.999, require_rise=False)  # a rule that fires at the first check it may
+    callback = ConvexitySwapCallback(check_every_n_steps=8, **kwargs)
+    trainer = fit(CountingClassifier(), callback, max_epochs=4)
+    assert trainer.num_training_batches == 8
+    assert callback.swap_epoch == expected_swap_epoch
+    assert CountingAdam.steps == expected_swap_epoch * 8  # Adam trained exactly those epochs
+
+
+def test_a_run_whose_every_check_is_non_finite_says_so(caplog):
+    import logging
+
+    callback = ConvexitySwapCallback()
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    lightning_logger.addHandler(caplog.handler)  # Lightning's logger may not propagate to the root logger
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            fit(TurnsNaN(nan_from_epoch=0), callback, max_epochs=2)
+    finally:
+        lightning_logger.removeHandler(caplog.handler)
+    assert "every check had a non-finite loss or gradient norm" in caplog.text
+    assert "peak gradient norm 0" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -44,6 +45,22 @@ class LogisticRegression(pl.LightningModule):
     def full_loss(self) -> float:
         with torch.no_grad():
             return float(self.loss(self.inputs, self.labels))
+
+
+class LogisticRegressionMLP(LogisticRegression):
+    """The same data through two linear layers, so that the first can be frozen and unfrozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(20, 8), nn.Tanh(), nn.Linear(8, 1))
+        del self.linear
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(self.net(inputs).squeeze(1), labels)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(filter(lambda p: p.requires_grad, self.parameters()), lr=self.lr)
 
 
 def scipy_optimum() -> float:
@@ -273,3 +290,197 @@ def test_training_set_of_unknown_length_needs_a_macro_batch():
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=2))
     trainer.fit(StreamClassifier())
     assert trainer.optimizers[0].optimizer.totals["iterations"] == 2  # 8 batches in the second epoch, 4 per step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Epochs that end earlier than num_training_batches says
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """An iterable of the blobs, of unknown length to Lightning."""
+
+    def __init__(self, samples: int) -> None:
+        self.samples = samples
+
+    def __iter__(self):
+        return iter(blobs(self.samples))
+
+
+class StreamClassifier(TinyClassifier):
+    def __init__(self, samples: int) -> None:
+        super().__init__()
+        self.stream_samples = samples
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(Stream(self.stream_samples), batch_size=30)
+
+
+@pytest.mark.parametrize(
+    ("samples", "cg_phase", "iterations_per_epoch"),
+    [
+        (90, 4, 1),  # 3 batches per epoch, fewer than a macro-batch: one step on all three
+        (240, 3, 3),  # 8 batches: 3 + 3 + the tail of 2
+    ],
+)
+def test_an_iterable_steps_on_the_partial_macro_batch_at_the_epochs_real_end(samples, cg_phase, iterations_per_epoch):
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, cg_phase=cg_phase)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
+    trainer.fit(StreamClassifier(samples))
+    assert trainer.optimizers[0].optimizer.totals["iterations"] == 2 * iterations_per_epoch
+
+
+class StopsAtBatchSix(TinyClassifier):
+    """``on_train_batch_start`` returning -1 ends every epoch after six of its eight batches."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        return -1 if batch_idx == 6 else None
+
+
+def test_an_epoch_cut_short_by_on_train_batch_start_still_steps_on_its_batches():
+    SpyConjugateGradient.records = []
+    model = StopsAtBatchSix(samples=240, batch_size=30)
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
+    trainer.fit(model)
+    assert trainer.optimizers[0].optimizer.totals["iterations"] == 2
+    assert callback.swap_epoch == 1 and [r["phase"] for r in callback.history] == ["first", "cg", "cg"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A non-finite objective: never handed to a gradient method
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NaNFromEpoch(TinyClassifier):
+    def __init__(self, nan_from_epoch: int) -> None:
+        super().__init__()
+        self.nan_from_epoch = nan_from_epoch
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        nan = self.current_epoch >= self.nan_from_epoch and batch_idx in (2, 5)
+        return loss * math.nan if nan else loss
+
+
+def test_a_persistent_nan_stops_training_with_the_weights_intact_even_with_the_fallback_on():
+    from lightning_twophase import NonFiniteObjectiveError
+
+    model = NaNFromEpoch(nan_from_epoch=2)
+    before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, fallback=True)
+    trainer = pl.Trainer(callbacks=[callback, Snapshot()], **trainer_kwargs(max_epochs=4))
+    with pytest.raises(NonFiniteObjectiveError, match=r"batches \[2, 5\] of epoch 2"):
+        trainer.fit(model)
+    assert trainer.current_epoch == 2
+    for name, value in model.state_dict().items():
+        assert torch.isfinite(value).all() and torch.equal(value, before[name]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters added after the swap (BaseFinetuning)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class UnfreezeAtEpoch2(pl.callbacks.BaseFinetuning):
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(pl_module.net[0])
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == 2:
+            self.unfreeze_and_add_param_group(pl_module.net[0], optimizer)
+
+
+def test_parameters_unfrozen_after_the_swap_join_the_cg_phase_with_their_exact_gradient():
+    SpyConjugateGradient.records = []
+    model = LogisticRegressionMLP()
+    starts = StartWeights()
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    trainer = pl.Trainer(
+        callbacks=[UnfreezeAtEpoch2(), callback, starts], **trainer_kwargs(max_epochs=4, precision="64-true")
+    )
+    trainer.fit(model)
+    cg = trainer.optimizers[0].optimizer
+    assert len(cg.param_groups) == 2 and cg.totals["iterations"] == 3
+    dataset = TensorDataset(model.inputs, model.labels)
+    for epoch, record in zip((2, 3), SpyConjugateGradient.records[1:]):
+        reference = LogisticRegressionMLP().double()
+        reference.load_state_dict(starts.by_epoch[epoch])
+        # The start gradient covers the unfrozen layer too: the exact full-batch gradient of every parameter.
+        assert record["grad_norm"] == pytest.approx(exact_gradient_norm(reference, dataset), rel=1e-10)
+    first = callback._phase.first.optimizers[0]
+    assert len(first.param_groups) == 2  # the fallback's Adam knows the new group
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Randomness and side effects of training_step at trial points
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class NumpyAndRandomNoise(TinyClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        inputs, labels = batch
+        scale = float(np.random.uniform(0.5, 1.5)) * random.uniform(0.5, 1.5)
+        return nn.functional.cross_entropy(self(inputs * scale), labels)
+
+
+def test_numpy_and_python_random_repeat_at_every_trial_point():
+    SpyConjugateGradient.records = []
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(NumpyAndRandomNoise())
+    assert len(SpyConjugateGradient.records) == 2
+    for record in SpyConjugateGradient.records:
+        assert record["value_1"] == record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+
+
+TRIAL_FLAGS: list[bool] = []
+
+
+class KeepsOutputsAndState(TinyClassifier):
+    """Keeps its outputs as Lightning recommends, and carries a state from one step to the next (an RNN's hidden)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.training_step_outputs: list[torch.Tensor] = []
+        self.carried = torch.zeros(3)
+        self.outputs_per_epoch: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        TRIAL_FLAGS.append(is_trial_evaluation())  # outside the module: its own lists are restored after trials
+        inputs, labels = batch
+        logits = self(inputs) + self.carried
+        self.carried = logits.detach().mean(dim=0)
+        loss = nn.functional.cross_entropy(logits, labels)
+        self.training_step_outputs.append(loss.detach())
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.outputs_per_epoch.append(len(self.training_step_outputs))
+        self.training_step_outputs.clear()
+
+
+def test_trial_evaluations_leave_the_modules_attributes_as_the_loop_left_them():
+    SpyConjugateGradient.records = []
+    TRIAL_FLAGS.clear()
+    model = KeepsOutputsAndState()
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
+    trainer.fit(model)
+    batches = trainer.num_training_batches
+    assert model.outputs_per_epoch == [batches] * 3
+    # Each trial evaluation of a batch sees the carried state the loop's pass of that batch saw: a fixed function.
+    for record in SpyConjugateGradient.records:
+        assert record["value_1"] == record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+    # The loop's own passes are training steps; the line search's evaluations are trial evaluations.
+    assert TRIAL_FLAGS[: 2 * batches].count(True) == 0 and TRIAL_FLAGS.count(True) > 0

@@ -7,9 +7,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from lightning_twophase import ConvexitySwapCallback
-from tests.conftest import PeakingClassifier, run_on_ranks, trainer_kwargs
+from tests.conftest import PeakingClassifier, blobs, run_on_ranks, trainer_kwargs
+from tests.integration.test_cg_phase import SpyConjugateGradient, StartWeights, spy_factory
 
 
 def _fit_rank(rank: int, world_size: int, cg_phase: Any, line_search: str) -> dict[str, Any]:
@@ -63,3 +66,50 @@ def test_ddp_spawn_runs_the_swap_and_reports_it_to_the_launching_process():
     assert float(trainer.callback_metrics["twophase/swap_epoch"]) == 2
     assert float(trainer.callback_metrics["twophase/phase"]) == 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class UnequalShards(PeakingClassifier):
+    """Rank 0 holds 120 samples, rank 1 holds 100: batches of 32 give 4 batches each, of different sizes."""
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = blobs(220)
+        rank = self.trainer.global_rank
+        indices = range(0, 120) if rank == 0 else range(120, 220)
+        return DataLoader(Subset(dataset, list(indices)), batch_size=32)
+
+
+def _fit_unequal_rank(rank: int, world_size: int) -> dict[str, Any]:
+    SpyConjugateGradient.records = []
+    model = UnequalShards()
+    starts = StartWeights()
+    callback = ConvexitySwapCallback(fixed_swap_epoch=2, optimizer_factory=spy_factory)
+    trainer = pl.Trainer(
+        callbacks=[callback, starts],
+        **trainer_kwargs(max_epochs=5, strategy="ddp", devices=world_size, use_distributed_sampler=False),
+    )
+    trainer.fit(model)
+    return {
+        "weights": [p.detach().clone() for p in model.parameters()],
+        "records": SpyConjugateGradient.records,
+        "starts": starts.by_epoch,
+        "history": callback.history,
+    }
+
+
+def test_unequal_shards_give_the_global_sample_weighted_objective_on_every_rank():
+    rank0, rank1 = run_on_ranks(_fit_unequal_rank)
+    for a, b in zip(rank0["weights"], rank1["weights"]):
+        assert torch.equal(a, b)
+    assert rank0["records"] == rank1["records"] and len(rank0["records"]) == 3
+    inputs, labels = blobs(220).tensors
+    for epoch, record in zip((2, 3, 4), rank0["records"]):
+        reference = PeakingClassifier()
+        reference.load_state_dict(rank0["starts"][epoch])
+        reference.zero_grad()
+        loss = nn.functional.cross_entropy(reference(inputs), labels)  # the mean over all 220 samples
+        loss.backward()
+        exact = torch.cat([p.grad.reshape(-1) for p in reference.parameters()]).norm()
+        assert record["start_loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
+        assert record["grad_norm"] == pytest.approx(float(exact), rel=1e-5)
+        # A trial evaluation at the start point gives the same global loss.
+        assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-5)

@@ -89,7 +89,8 @@ def test_preconditioned_cg_follows_plain_cg_on_the_rescaled_variables(beta, line
     for _ in range(12):
         preconditioned.step(closure_x, lambda: loss(x))
         rescaled.step(closure_u, lambda: loss(scale * u))
-        torch.testing.assert_close(x.detach(), scale * u.detach(), rtol=0, atol=1e-10)
+        # Equal up to the rounding of the two ways of forming the dot products (torch 2.2 rounds them differently).
+        torch.testing.assert_close(x.detach(), scale * u.detach(), rtol=0, atol=1e-9)
     assert float(loss(x.detach())) < 0.95 * float(loss(torch.zeros(12, dtype=torch.float64)))  # real progress
     assert preconditioned.totals == rescaled.totals
 

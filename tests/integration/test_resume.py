@@ -79,3 +79,109 @@ def test_a_checkpoint_after_the_swap_holds_the_cg_state_and_the_first_phase_for_
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
     adam_state = state["first_optimizer_state"]["optimizer"]
     assert "betas" in adam_state["param_groups"][0]  # the Adam the fallback would resume
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints written at validation end, before the epoch's check (issue: a resumed run lost that check)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def run_validation_checkpoints(
+    directory: Path, ckpt_path: str | None = None, trainer_overrides: dict | None = None
+) -> tuple[PeakingClassifier, ConvexitySwapCallback]:
+    model = PeakingClassifier()
+    callback = ConvexitySwapCallback(fixed_swap_epoch=4)
+    extra = {"save_on_train_epoch_end": False} if trainer_overrides else {}
+    checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}-{step}", save_top_k=-1, **extra)
+    overrides = trainer_overrides or {"check_val_every_n_epoch": 2}
+    trainer = pl.Trainer(
+        callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=8, enable_checkpointing=True, **overrides)
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return model, callback
+
+
+@pytest.mark.parametrize(
+    ("overrides", "checkpoint"),
+    [
+        (None, "epoch=3-step=32.ckpt"),  # check_val_every_n_epoch=2, the default ModelCheckpoint
+        ({"val_check_interval": 0.5}, "epoch=3-step=32.ckpt"),  # save_on_train_epoch_end=False, validation mid-epoch
+    ],
+    ids=["every-2-epochs", "val-end"],
+)
+def test_resume_from_a_checkpoint_written_at_validation_end(tmp_path, overrides, checkpoint):
+    reference_model, reference = run_validation_checkpoints(tmp_path / "full", trainer_overrides=overrides)
+    assert reference.swap_epoch == 4
+    model, resumed = run_validation_checkpoints(
+        tmp_path / "resumed", str(tmp_path / "full" / checkpoint), trainer_overrides=overrides
+    )
+    assert (resumed.swap_epoch, resumed.swap_step) == (reference.swap_epoch, reference.swap_step)
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in reference.history], rel=1e-6)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_mid_epoch_checkpoint_carries_the_sums_of_the_checks_first_batches(tmp_path):
+    # Lightning replays a mid-epoch resume exactly only with a resumable data loader; what the callback adds up
+    # before the checkpoint must travel with it either way.
+    run_validation_checkpoints(tmp_path, trainer_overrides={"val_check_interval": 0.5})
+    saved = torch.load(tmp_path / "epoch=3-step=28.ckpt", weights_only=False)
+    (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
+    loss_sum, loss_batches, norm_sum, norm_steps = state["pending"]
+    assert (loss_batches, norm_steps) == (4, 4) and loss_sum > 0 and norm_sum > 0
+    assert len(state["record"]["history"]) == 3  # the checks of epochs 0 to 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming a CG-phase checkpoint with other settings: applied or refused, and said
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cg_checkpoint(uninterrupted) -> str:
+    _, reference_trainer, directory = uninterrupted
+    return str(directory / f"epoch={swap_callback(reference_trainer).swap_epoch}.ckpt")
+
+
+def resume(checkpoint: str, callback: pl.Callback | None, directory: Path) -> pl.Trainer:
+    trainer = pl.Trainer(
+        callbacks=[] if callback is None else [callback],
+        **trainer_kwargs(max_epochs=MAX_EPOCHS, default_root_dir=directory),
+    )
+    trainer.fit(PeakingClassifier(), ckpt_path=checkpoint)
+    return trainer
+
+
+def test_new_cg_options_apply_on_resume_and_are_announced(uninterrupted, tmp_path):
+    callback = ConvexitySwapCallback(optimizer_kwargs={"beta": "pr+", "line_search": "strong_wolfe", "max_evals": 7})
+    with pytest.warns(
+        UserWarning, match=r"options changed since the checkpoint.*beta.*hager_zhang.*polak_ribiere_plus"
+    ):
+        trainer = resume(cg_checkpoint(uninterrupted), callback, tmp_path)
+    options = trainer.optimizers[0].optimizer.param_groups[0]
+    assert (options["beta"], options["line_search"], options["max_evals"]) == ("polak_ribiere_plus", "strong_wolfe", 7)
+    assert trainer.optimizers[0].optimizer.totals["iterations"] > 0
+
+
+def test_another_second_phase_optimizer_on_resume_starts_afresh_with_a_warning(uninterrupted, tmp_path):
+    def lbfgs(groups):
+        return torch.optim.LBFGS(groups, max_iter=1, line_search_fn="strong_wolfe")
+
+    callback = ConvexitySwapCallback(optimizer_factory=lbfgs)
+    with pytest.warns(UserWarning, match=r"ConjugateGradient.*LBFGS.*afresh"):
+        trainer = resume(cg_checkpoint(uninterrupted), callback, tmp_path)
+    assert isinstance(trainer.optimizers[0].optimizer, torch.optim.LBFGS)
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+def test_detect_only_cannot_resume_a_cg_phase_checkpoint(uninterrupted, tmp_path):
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="detect_only"):
+        resume(cg_checkpoint(uninterrupted), ConvexitySwapCallback(detect_only=True), tmp_path)
+
+
+def test_resuming_a_cg_phase_checkpoint_without_the_callback_names_it(uninterrupted, tmp_path):
+    # A documented limit: without the callback nothing can load the CG state into the first optimizer. Lightning
+    # names the missing callback before the optimizer state fails to load.
+    with pytest.warns(UserWarning, match="ConvexitySwapCallback"), pytest.raises(KeyError):
+        resume(cg_checkpoint(uninterrupted), None, tmp_path)

@@ -38,11 +38,6 @@ def test_without_a_window_the_loss_never_triggers_a_fallback():
     assert not any(policy.check(float(loss)).fall_back for loss in range(1, 20))
 
 
-def test_a_non_finite_start_falls_back_with_the_optimizers_message():
-    decision = FallbackPolicy().non_finite("the loss is not finite where the step starts")
-    assert decision.fall_back and decision.reason.endswith("the loss is not finite where the step starts")
-
-
 def test_state_dict_continues_exactly():
     reference = FallbackPolicy(after_failures=2, loss_window=3)
     resumed = FallbackPolicy(after_failures=2, loss_window=3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_twophase import ConjugateGradient, NonFiniteObjectiveError
+from lightning_twophase import ConjugateGradient
 from lightning_twophase._macro_batch import MacroBatchStep, _MacroBatchOptimizer
 from lightning_twophase.objective import TrainingObjective
 
@@ -18,7 +18,7 @@ from lightning_twophase.objective import TrainingObjective
 class Harness:
     """A linear model, its CG optimizer inside the adapter, and a training loop that feeds it batches."""
 
-    def __init__(self, batches_per_step: int | None, raise_on_non_finite: bool = True, poison: bool = False) -> None:
+    def __init__(self, batches_per_step: int | None, poison: bool = False) -> None:
         torch.manual_seed(0)
         self.model = nn.Linear(4, 1).double()
         self.poison = poison
@@ -37,7 +37,6 @@ class Harness:
             current_batch=lambda: self.current,
             on_step=self.results.append,
             batches_per_step=batches_per_step,
-            raise_on_non_finite=raise_on_non_finite,
         )
 
     def loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -105,26 +104,21 @@ def test_discard_drops_a_partial_macro_batch():
     assert harness.results == [] and len(harness.adapter.objective) == 0
 
 
-def test_a_non_finite_start_is_reported_with_the_parameters_untouched():
-    harness = Harness(batches_per_step=None, raise_on_non_finite=False, poison=True)
+def test_a_non_finite_start_is_reported_with_its_batches_and_the_parameters_untouched():
+    harness = Harness(batches_per_step=None, poison=True)
     before = [p.detach().clone() for p in harness.model.parameters()]
     harness.epoch()
     (result,) = harness.results
-    assert isinstance(result.non_finite, NonFiniteObjectiveError)
+    assert result.non_finite is not None and "not finite where the step starts" in result.non_finite
+    assert result.non_finite_batches == [0, 1, 2, 3]
     assert all(torch.equal(a, b) for a, b in zip(before, harness.model.parameters()))
-
-
-def test_a_non_finite_start_raises_when_asked_to():
-    harness = Harness(batches_per_step=None, poison=True)
-    with pytest.raises(NonFiniteObjectiveError):
-        harness.epoch()
 
 
 def test_state_dict_carries_the_step_count_and_the_wrapped_state():
     harness = Harness(batches_per_step=2)
     harness.epoch()
     state = harness.adapter.state_dict()
-    assert state["macro_batch"] == {"steps": 2}
+    assert state["macro_batch"] == {"steps": 2, "optimizer": "ConjugateGradient"}
     other = Harness(batches_per_step=2)
     other.adapter.load_state_dict(state)
     assert other.adapter.steps == 2 and other.adapter.objective.iteration == 2
@@ -135,3 +129,48 @@ def test_state_dict_carries_the_step_count_and_the_wrapped_state():
 def test_step_needs_the_loops_closure():
     with pytest.raises(RuntimeError, match="closure"):
         Harness(batches_per_step=None).adapter.step()
+
+
+def test_options_asked_for_now_win_over_the_checkpoints_and_are_announced():
+    harness = Harness(batches_per_step=2)
+    harness.epoch()
+    state = harness.adapter.state_dict()
+    other = Harness(batches_per_step=2)
+    other.cg.param_groups[0]["line_search"] = other.cg.defaults["line_search"] = "golden"
+    warnings: list[str] = []
+    other.adapter._warn = warnings.append
+    other.adapter.load_state_dict(state)
+    assert other.cg.param_groups[0]["line_search"] == "golden"
+    assert other.cg.totals == harness.cg.totals  # the state itself was loaded
+    (warning,) = warnings
+    assert "line_search 'brent' -> 'golden'" in warning
+
+
+def test_a_checkpoint_of_another_optimizer_is_not_loaded_into_this_one():
+    harness = Harness(batches_per_step=2)
+    harness.epoch()
+    state = harness.adapter.state_dict()
+    state["macro_batch"]["optimizer"] = "LBFGS"
+    other = Harness(batches_per_step=2)
+    warnings: list[str] = []
+    other.adapter._warn = warnings.append
+    other.adapter.load_state_dict(state)
+    assert other.cg.totals["iterations"] == 0 and "LBFGS" in warnings[0] and "afresh" in warnings[0]
+
+
+def test_parameters_added_after_the_swap_join_the_macro_batch_gradient():
+    harness = Harness(batches_per_step=None)
+    extra = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    base_loss = harness.loss
+    harness.loss = lambda batch, batch_idx: base_loss(batch, batch_idx) + (extra - 1.0).pow(2).sum()
+    harness.adapter.objective.loss_fn = harness.loss
+    told: list[list[torch.Tensor]] = []
+    harness.adapter._on_params_added = told.append
+    harness.adapter.add_param_group({"params": [extra], "lr": 0.123})
+    assert told == [[extra]] and len(harness.cg.param_groups) == 2
+    assert harness.cg.param_groups[1]["lr"] == harness.cg.defaults["lr"]  # CG's options are global
+    harness.epoch()
+    (result,) = harness.results
+    # The start gradient of the new parameter is the exact one, 2 (extra - 1) = -2: its norm enters the step's.
+    assert result.diagnostics is not None and result.diagnostics.grad_norm >= 2.0
+    assert float(extra) > 0.0  # and CG moved it towards 1

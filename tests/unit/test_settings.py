@@ -46,3 +46,19 @@ def test_the_detection_arguments_configure_the_papers_rule():
     assert isinstance(detector, GradientNormPeakDetector)
     assert (detector.factor, detector.smoothing, detector.patience, detector.fixed_swap_epoch) == (0.8, 0.5, 2, 30)
     assert ConvexitySwapCallback(fixed_swap_epoch=0.3).detector is None  # a fraction: built at setup
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"optimizer_kwargs": {"beta": "bogus"}}, ValueError, "optimizer_kwargs.*unknown `beta='bogus'`"),
+        ({"optimizer_kwargs": {"momentum": 0.9}}, ValueError, "optimizer_kwargs.*momentum"),
+        ({"cg_phase": True}, ValueError, "cg_phase"),
+        ({"max_cached_bytes": -1}, ValueError, "max_cached_bytes"),
+        ({"fixed_swap_epoch": "3"}, ValueError, "fixed_swap_epoch.*a number"),
+        ({"max_swap_epoch": "half"}, ValueError, "max_swap_epoch.*a number"),
+    ],
+)
+def test_more_bad_settings_are_clear_errors_when_the_callback_is_made(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ConvexitySwapCallback(**kwargs)

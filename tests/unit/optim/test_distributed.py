@@ -6,7 +6,7 @@ import torch
 
 from lightning_twophase.optim.distributed import (
     DecisionReducer,
-    all_reduce_mean_,
+    all_reduce_sum_,
     broadcast_,
     is_distributed,
     reduce_decision_scalars,
@@ -19,7 +19,7 @@ def test_without_a_process_group_everything_is_the_identity():
     means, sums = torch.tensor([1.0, 2.0]), torch.tensor([3.0])
     assert reduce_decision_scalars(means, sums) == (means, sums)
     tensors = [torch.ones(2), torch.zeros(3, dtype=torch.float64)]
-    all_reduce_mean_(tensors)
+    all_reduce_sum_(tensors)
     broadcast_(tensors)
     assert torch.equal(tensors[0], torch.ones(2)) and torch.equal(tensors[1], torch.zeros(3, dtype=torch.float64))
     reducer = DecisionReducer(sharded=True)
@@ -32,7 +32,7 @@ def _rank(rank: int, world_size: int) -> dict:
     value = float(rank + 1)  # 1 on rank 0, 2 on rank 1
     means, sums = reduce_decision_scalars(torch.tensor([value, 10 * value]), torch.tensor([value]))
     tensors = [torch.full((2,), value), torch.full((3,), value, dtype=torch.float64)]
-    all_reduce_mean_(tensors)
+    all_reduce_sum_(tensors)
     broadcast_sources = [torch.full((2,), value), torch.full((1,), value, dtype=torch.float64)]
     broadcast_(broadcast_sources)
     return {
@@ -51,8 +51,8 @@ def test_reductions_agree_on_every_rank():
     for result in (rank0, rank1):
         assert torch.equal(result["means"], torch.tensor([1.5, 15.0]))
         assert torch.equal(result["sums"], torch.tensor([3.0]))
-        assert torch.equal(result["all_reduced"][0], torch.full((2,), 1.5))
-        assert torch.equal(result["all_reduced"][1], torch.full((3,), 1.5, dtype=torch.float64))
+        assert torch.equal(result["all_reduced"][0], torch.full((2,), 3.0))
+        assert torch.equal(result["all_reduced"][1], torch.full((3,), 3.0, dtype=torch.float64))
         assert torch.equal(result["broadcast"][0], torch.full((2,), 1.0))  # rank 0's values everywhere
         assert torch.equal(result["broadcast"][1], torch.full((1,), 1.0, dtype=torch.float64))
         assert result["mean_loss"] == 1.5
