@@ -64,22 +64,21 @@ class ConvexitySwapCallback(Callback):
     what reaches the launching process under ``strategy="ddp_spawn"``.
 
     Args:
-        factor: swap when the gradient norm falls below this fraction of its running maximum (the paper's 0.9).
-        smoothing: weight of the past in an exponential moving average of the norm (0: none).
-        patience: consecutive checks below the threshold before the swap fires.
+        factor, smoothing, patience, require_rise: the paper's rule (see
+            :class:`~lightning_twophase.GradientNormPeakDetector`): swap when the gradient norm (smoothed by an
+            exponential moving average with this weight of the past) stays below ``factor`` times its running peak
+            for ``patience`` checks, the peak counting only after the norm has risen once.
         check_every_n_steps: check every this many optimizer steps instead of once per epoch.
-        min_epochs: no swap before this many epochs have been trained.
-        min_steps: no swap before this many optimizer steps.
+        min_epochs, min_steps: no swap before this many epochs have been trained, or optimizer steps taken.
         fixed_swap_epoch: swap after exactly this many epochs, ignoring the curve; a float in (0, 1) is a fraction of
             ``max_epochs`` (the paper's table: 0.3).
         max_swap_epoch: swap after this many epochs at the latest (a float in (0, 1): a fraction of ``max_epochs``).
-        require_rise: a peak counts only after the norm has risen at least once (see the detector).
         detect_only: detect and log the swap point, but never swap.
         cg_phase: what one CG iteration sees: ``"full"`` (the whole training set: one iteration per epoch, the
             paper's CG and the default), an integer ``K`` (a macro-batch of ``K`` mini-batches), or ``"minibatch"``
             (one iteration per mini-batch; numerically unsound unless one batch is the whole training set).
-        optimizer_kwargs: options for :class:`~lightning_twophase.ConjugateGradient` (default: Hager-Zhang with
-            Brent's value-only line search at a 10 % tolerance).
+        optimizer_kwargs: options for :class:`~lightning_twophase.ConjugateGradient` (default: Hager-Zhang with the
+            value-only interpolation line search at a 10 % tolerance).
         optimizer_factory: builds the second-phase optimizer instead, from the first one's parameter groups (a list
             of dicts with ``"params"``). Any closure optimizer works, ``torch.optim.LBFGS`` for instance.
         scheduler_factory: builds the CG phase's learning-rate scheduler (a scheduler, or a Lightning scheduler
@@ -91,15 +90,14 @@ class ConvexitySwapCallback(Callback):
             ConjugateGradient.
         fallback: go back to the first-phase optimizer if the CG phase fails (the paper's "safe resort"). Keeps the
             first-phase optimizer and its state in memory and in checkpoints.
-        fallback_after_failures: consecutive line-search failures that trigger the fallback.
-        fallback_loss_window: fall back when the loss at a check is above the loss this many CG-phase checks before
-            (``None``: never for this reason).
-        fallback_loss_rtol: how far, relative to the earlier loss, the loss must rise to count for
-            ``fallback_loss_window``. A CG phase that has converged repeats its loss up to rounding in the epoch's
-            mean, which must not send training back to the first optimizer; raise it if the objective itself varies
-            between epochs (random augmentation).
+        fallback_after_failures, fallback_loss_window, fallback_loss_rtol: the fallback policy (see
+            :class:`~lightning_twophase.FallbackPolicy`): fall back after this many consecutive line-search failures,
+            or when the loss at a check is more than ``fallback_loss_rtol`` (relative) above its value
+            ``fallback_loss_window`` CG checks before (``None``: never for this reason).
         max_cached_bytes: a macro-batch's batches stay on the training device up to this many bytes; the rest wait in
             host memory during the iteration.
+        trial_batching: how line-search trials evaluate the kept batches: ``"auto"`` (in one concatenated chunk if
+            that gives the same loss as batch by batch, checked once), ``"chunks"`` or ``"batches"``.
         log_figures: draw the norm-vs-loss figure (needs matplotlib) at the swap and at the end of training.
         detector: a detector to use instead of the paper's rule (any object with the methods of
             :class:`~lightning_twophase.SwapDetector`); not together with the detection arguments above.
@@ -134,6 +132,7 @@ class ConvexitySwapCallback(Callback):
         fallback_loss_window: int | None = 5,
         fallback_loss_rtol: float = 1e-3,
         max_cached_bytes: int = 2 * 1024**3,
+        trial_batching: str = "auto",
         log_figures: bool = True,
         detector: SwapDetector | None = None,
     ) -> None:
@@ -141,7 +140,7 @@ class ConvexitySwapCallback(Callback):
         detection = {name: value for name, value in locals().items() if name in settings.DETECTION_DEFAULTS}
         settings.check_arguments(detection, detector, check_every_n_steps, cg_phase, preconditioner)
         settings.check_fallback_arguments(fallback_after_failures, fallback_loss_window, fallback_loss_rtol)
-        settings.check_second_phase_arguments(optimizer_kwargs, max_cached_bytes)
+        settings.check_second_phase_arguments(optimizer_kwargs, max_cached_bytes, trial_batching)
         if optimizer_kwargs is not None and optimizer_factory is not None:
             raise ValueError("ConvexitySwapCallback: pass `optimizer_kwargs` or `optimizer_factory`, not both.")
         self._detection = settings.detection_settings(detection)
@@ -158,6 +157,7 @@ class ConvexitySwapCallback(Callback):
             fallback=fallback,
             policy=partial(FallbackPolicy, fallback_after_failures, fallback_loss_window, fallback_loss_rtol),
             max_cached_bytes=max_cached_bytes,
+            trial_batching=trial_batching,
             warn_single_batches=cg_phase == settings.MINI_BATCH,
         )
         self._record = RunRecord()

@@ -21,9 +21,10 @@ gradient are the mean over every sample of every rank, whatever the shard sizes.
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
@@ -32,6 +33,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 
@@ -47,6 +49,9 @@ __all__ = [
     "restore_module_state",
     "training_step_loss",
 ]
+
+#: ``trial_batching`` values of :class:`TrainingObjective`.
+TRIAL_BATCHING = ("auto", "chunks", "batches")
 
 _in_trial = ContextVar("lightning_twophase_trial_evaluation", default=False)
 
@@ -144,6 +149,12 @@ class TrainingObjective:
             rest wait in host memory and are copied back for each evaluation.
         seed: base of the per-batch random seeds.
         quiet: a context manager factory under which trial evaluations run (``self.log`` silenced, for instance).
+        trial_batching: how forward-only evaluations go through the kept batches: ``"batches"`` one by one, as the
+            training loop did; ``"chunks"`` concatenated into one chunk (fewer, larger calls: faster where a model is
+            bound by kernel launches); ``"auto"`` tries both at the first evaluation and keeps chunks if they give the
+            same value to ``1e-6`` (they do not with batch-norm in training mode, losses that are not sample means,
+            or randomness per batch).
+        inform: told which batching ``"auto"`` chose, and why.
 
     """
 
@@ -159,7 +170,11 @@ class TrainingObjective:
         max_device_bytes: int = 2 * 1024**3,
         seed: int = 0,
         quiet: Callable[[], AbstractContextManager[Any]] = nullcontext,
+        trial_batching: str = "batches",
+        inform: Callable[[str], None] = lambda message: None,
     ) -> None:
+        if trial_batching not in TRIAL_BATCHING:
+            raise ValueError(f"`trial_batching` must be one of {TRIAL_BATCHING}, got {trial_batching!r}.")
         self.loss_fn = loss_fn
         self.params = [p for p in params if p.requires_grad]
         self.module = module
@@ -169,6 +184,8 @@ class TrainingObjective:
         self.max_device_bytes = max_device_bytes
         self.seed = seed
         self.quiet = quiet
+        self.trial_batching = trial_batching
+        self.inform = inform
         self.iteration = 0
         # (batch, batch_idx, size, on_device, the module's attributes before the loop's pass of the batch)
         self._batches: list[tuple[Any, int, int, bool, ModuleState | None]] = []
@@ -254,16 +271,48 @@ class TrainingObjective:
 
     def value(self) -> Tensor:
         """The mean loss over the stored batches (forward passes only, no autograd graph)."""
+        chunked = self.trial_batching == "chunks"
+        if self.trial_batching == "auto":
+            by_batch, by_chunk = self._forward_value(chunked=False), self._forward_value(chunked=True)
+            agree = bool(abs(by_chunk - by_batch) <= 1e-6 * abs(by_batch))
+            self.trial_batching = "chunks" if agree else "batches"
+            self.inform(
+                f"ConvexitySwapCallback: trial evaluations run {'in one chunk of' if agree else 'batch by batch over'} "
+                f"the kept batches (the two ways gave {float(by_batch):.8g} and {float(by_chunk):.8g})."
+            )
+            return by_batch
+        return self._forward_value(chunked)
+
+    def _forward_value(self, chunked: bool) -> Tensor:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         with torch.no_grad():
-            for position in range(len(self._batches)):
-                loss, size = self._loss_on(position)
+            for loss, size in self._chunk_losses() if chunked else map(self._loss_on, range(len(self._batches))):
                 if loss is not None:
                     total += loss.detach().double() * size
                     count += size
         self.forward_samples += count
         return self.global_mean_(total, count, [])
+
+    def _chunk_losses(self) -> Iterator[tuple[Tensor | None, int]]:
+        """The loss of the batches kept on the device, concatenated into one chunk; the others one by one."""
+        kept = [entry for entry in self._batches if entry[3]]
+        try:
+            chunk = _concatenate([entry[0] for entry in kept]) if kept else None
+        except (TypeError, RuntimeError):
+            # Batches that cannot be joined count as a NaN loss: the ranks still meet in the same collective, and
+            # the comparison with batch-by-batch evaluation fails on every rank alike.
+            yield torch.tensor(math.nan, device=self.device), sum(entry[2] for entry in self._batches)
+            return
+        if chunk is not None:
+            _, batch_idx, _, _, state = kept[0]
+            if state is not None:
+                restore_module_state(self.module, state)
+            with self.seeded(0):
+                yield self.loss_fn(chunk, batch_idx), sum(entry[2] for entry in kept)
+        for position, entry in enumerate(self._batches):
+            if not entry[3]:
+                yield self._loss_on(position)
 
     def value_and_gradient(self) -> Tensor:
         """The mean loss, with its gradient written to ``p.grad``: means over every sample of every rank."""
@@ -335,7 +384,12 @@ class TrainingObjective:
 
 
 def lightning_objective(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[Tensor], max_device_bytes: int, seed: int
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    params: list[Tensor],
+    max_device_bytes: int,
+    seed: int,
+    trial_batching: str = "batches",
 ) -> TrainingObjective:
     """The mean of ``pl_module.training_step``'s loss over kept batches, evaluated as the training loop would: in the
     precision plugin's context, on the strategy's device, with ``self.log`` silenced at trial points."""
@@ -357,6 +411,8 @@ def lightning_objective(
         max_device_bytes=max_device_bytes,
         seed=seed,
         quiet=lambda: logging_suppressed(pl_module),
+        trial_batching=trial_batching,
+        inform=rank_zero_info,
     )
 
 
@@ -396,3 +452,16 @@ def _numpy_random() -> Any:
     except ImportError:  # pragma: no cover
         return None
     return numpy.random
+
+
+def _concatenate(batches: list[Any]) -> Any:
+    """Batches of the same structure joined along their first dimension (``TypeError`` if that cannot be done)."""
+    first = batches[0]
+    if isinstance(first, Tensor):
+        return torch.cat(batches)
+    if isinstance(first, Mapping):
+        return type(first)({key: _concatenate([batch[key] for batch in batches]) for key in first})
+    if isinstance(first, (tuple, list)):
+        parts = [_concatenate(list(items)) for items in zip(*batches)]
+        return type(first)(*parts) if hasattr(first, "_fields") else type(first)(parts)
+    raise TypeError(f"cannot concatenate batches of {type(first).__name__}")

@@ -276,6 +276,8 @@ class CGPhaseConfig:
         fallback: whether to go back to the first optimizer when the policy says so.
         policy: builds the fallback policy of a new CG phase.
         max_cached_bytes: device memory for the kept batches of an iteration.
+        trial_batching: ``"auto"``, ``"chunks"`` or ``"batches"`` (see
+            :class:`~lightning_twophase.objective.TrainingObjective`).
         warn_single_batches: warn that one mini-batch per iteration is unsound (``cg_phase="minibatch"``).
 
     """
@@ -287,6 +289,7 @@ class CGPhaseConfig:
     fallback: bool
     policy: Callable[[], FallbackPolicy]
     max_cached_bytes: int
+    trial_batching: str
     warn_single_batches: bool
 
 
@@ -303,6 +306,7 @@ class CGPhase(Phase):
         first_state: the first-phase optimizer's and schedulers' states from a checkpoint written in the CG phase
             (resume); ``None`` at the swap itself.
         policy_state: the fallback policy's state from that checkpoint.
+        trial_batching: the trial batching decided before that checkpoint.
 
     """
 
@@ -318,6 +322,7 @@ class CGPhase(Phase):
         successor: Callable[[], Phase],
         first_state: dict[str, Any] | None = None,
         policy_state: dict[str, Any] | None = None,
+        trial_batching: str | None = None,
     ) -> None:
         self.config = config
         self.record = record
@@ -343,7 +348,9 @@ class CGPhase(Phase):
             # On resume the preconditioner comes back with the optimizer state instead.
             self._precondition(first_optimizer, self.optimizer)
         params = [p for group in groups for p in group["params"]]
-        objective = lightning_objective(trainer, pl_module, params, config.max_cached_bytes, seed)
+        objective = lightning_objective(
+            trainer, pl_module, params, config.max_cached_bytes, seed, trial_batching or config.trial_batching
+        )
         self.adapter = _MacroBatchOptimizer(
             self.optimizer,
             objective,
@@ -515,7 +522,12 @@ class CGPhase(Phase):
                 "optimizer": self.first.optimizers[0].state_dict(),
                 "schedulers": [config.scheduler.state_dict() for config in self.first.lr_scheduler_configs],
             }
-        return {"first_optimizer_state": first_state, "policy": self.policy.state_dict()}
+        trial_batching = self.adapter.objective.trial_batching  # "auto" decided once, not again on resume
+        return {
+            "first_optimizer_state": first_state,
+            "policy": self.policy.state_dict(),
+            "trial_batching": trial_batching,
+        }
 
 
 class PhaseFactory:
@@ -548,6 +560,7 @@ class PhaseFactory:
         return CGPhase(
             trainer, pl_module, self.cg_config, self.record, self.seed, self.fallback,
             first_state=state.get("first_optimizer_state"), policy_state=state.get("policy"),
+            trial_batching=state.get("trial_batching"),
         )  # fmt: skip
 
     def fallback(self) -> FirstPhase:

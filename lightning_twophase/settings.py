@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from lightning_twophase._lightning import scheduler_configs
 from lightning_twophase.detection import SwapDetector
+from lightning_twophase.objective import TRIAL_BATCHING
 from lightning_twophase.optim import ConjugateGradient
 from lightning_twophase.phases import NO_PRECONDITIONER, SECOND_MOMENTS, PreconditionerFactory
 
@@ -39,9 +40,14 @@ FULL_BATCH = "full"
 MINI_BATCH = "minibatch"
 
 #: ConjugateGradient options used unless ``optimizer_kwargs`` overrides them: chosen on real MNIST
-#: (``benchmarks/fullbatch_vs_minibatch.py``), where Hager-Zhang reached a lower loss than Polak-Ribiere+ and Brent's
-#: value-only search at a 10 % tolerance cost about 2.7 gradient-pass equivalents per iteration.
-DEFAULT_CG_OPTIONS: dict[str, Any] = {"beta": "hager_zhang", "line_search": "brent", "line_search_tolerance": 0.1}
+#: (``benchmarks/fullbatch_vs_minibatch.py``), where Hager-Zhang reached a lower loss than Polak-Ribiere+, and the
+#: value-only interpolation search at a 10 % tolerance reached the loss of Brent's at that tolerance for fewer
+#: evaluations (``benchmarks/phase_cost.py``).
+DEFAULT_CG_OPTIONS: dict[str, Any] = {
+    "beta": "hager_zhang",
+    "line_search": "interpolation",
+    "line_search_tolerance": 0.1,
+}
 
 #: The detection arguments and their defaults: those of the paper's rule, :class:`GradientNormPeakDetector`.
 DETECTION_DEFAULTS: dict[str, Any] = {
@@ -89,8 +95,14 @@ def check_arguments(
         )
 
 
-def check_second_phase_arguments(optimizer_kwargs: dict[str, Any] | None, max_cached_bytes: int) -> None:
+def check_second_phase_arguments(
+    optimizer_kwargs: dict[str, Any] | None, max_cached_bytes: int, trial_batching: str
+) -> None:
     """The CG options, checked by building a ConjugateGradient with them now rather than at the swap."""
+    if trial_batching not in TRIAL_BATCHING:
+        raise ValueError(
+            f"ConvexitySwapCallback: `trial_batching` must be one of {TRIAL_BATCHING}, got {trial_batching!r}."
+        )
     if not (isinstance(max_cached_bytes, int) and not isinstance(max_cached_bytes, bool) and max_cached_bytes >= 0):
         raise ValueError(
             f"ConvexitySwapCallback: `max_cached_bytes` must be a number of bytes >= 0, got {max_cached_bytes!r}."

@@ -46,9 +46,9 @@ BETA_FORMULAS: dict[str, str] = {
 }
 
 #: The line searches; ``strong_wolfe`` evaluates gradients at trial points, the others only values.
-LINE_SEARCHES: tuple[str, ...] = ("strong_wolfe", "armijo", "golden", "brent")
+LINE_SEARCHES: tuple[str, ...] = ("strong_wolfe", "armijo", "golden", "brent", "interpolation")
 
-_DEFAULT_MAX_EVALS = {"strong_wolfe": 25, "armijo": 20, "golden": 40, "brent": 20}
+_DEFAULT_MAX_EVALS = {"strong_wolfe": 25, "armijo": 20, "golden": 40, "brent": 20, "interpolation": 20}
 # Hager and Zhang's lower bound on beta: max(beta, -1 / (|d| min(eta, |g_prev|))).
 _HAGER_ZHANG_ETA = 0.01
 # Restart when the new direction's slope is not below this fraction of steepest descent's.
@@ -336,10 +336,17 @@ class ConjugateGradient(Optimizer):
             grad_norm = math.sqrt(gz)
             if iteration == 0:
                 start_grad_norm = grad_norm
-            if grad_norm <= options["tolerance_grad"]:
+            value_noise = options["value_tolerance"] * abs(value0)
+            rounding = max(value_noise, 4 * torch.finfo(params[0].dtype).eps * abs(value0))
+            converged_at = state.get("precision_limit_at")
+            # At the gradient tolerance, or back at the point where steepest descent could resolve no decrease (the
+            # same point gives the same search): nothing to do.
+            repeated = converged_at is not None and abs(value0 - converged_at) <= rounding
+            if grad_norm <= options["tolerance_grad"] or repeated:
+                status = ls.PRECISION_LIMIT if repeated else "not_run"
                 diagnostics = dict(
                     new_loss=value0, step_size=0.0, beta=0.0, slope=-gz, restarted=False, restart_reason=None,
-                    line_search_status="not_run", iterations=iteration,
+                    line_search_status=status, iterations=iteration,
                 )  # fmt: skip
                 break
 
@@ -353,7 +360,6 @@ class ConjugateGradient(Optimizer):
             torch._foreach_copy_(start, params)
 
             phi = _LineFunction(params, start, direction, closure, value_closure, self._reduce)
-            value_noise = options["value_tolerance"] * abs(value0)
             try:
                 result = _search(phi, options, value0, slope, initial_step, max_evals, value_noise)
             except BaseException:
@@ -366,12 +372,14 @@ class ConjugateGradient(Optimizer):
 
             if result.status == ls.FAILED:
                 torch._foreach_copy_(params, start)
-                rounding = max(value_noise, 4 * torch.finfo(params[0].dtype).eps * abs(value0))
                 if _at_precision_limit(phi, value0, slope, rounding):
                     result = ls.LineSearchResult(0.0, value0, None, result.evaluations, ls.PRECISION_LIMIT)
             else:
                 _move_to(params, start, direction, result.step)
             _advance_state(state, result, slope, gz, restart_reason)
+            # Steepest descent finding nothing resolvable is final for this point (a CG direction gets one more try).
+            limited = result.status == ls.PRECISION_LIMIT and restart_reason is not None
+            state["precision_limit_at"] = value0 if limited else None
             diagnostics = dict(
                 new_loss=result.value, step_size=result.step, beta=beta, slope=slope,
                 restarted=restart_reason is not None, restart_reason=restart_reason,
@@ -537,9 +545,11 @@ class _LineFunction:
         self.last_with_gradient = False
         self.nearest: tuple[float, float] | None = None  # (step, value)
         self.non_finite = False
+        self.trials: list[tuple[float, float]] = []  # (step, value) of every trial
 
     def __call__(self, t: float, need_derivative: bool) -> ls.Trial:
         trial = self._evaluate(t, need_derivative)
+        self.trials.append((t, trial.value))
         if not (math.isfinite(trial.value) and (trial.derivative is None or math.isfinite(trial.derivative))):
             self.non_finite = True
         elif self.nearest is None or t < self.nearest[0]:
@@ -626,6 +636,11 @@ def _search(
         )
     if name == "armijo":
         return ls.armijo(phi, value0, slope, initial_step, c1=options["c1"], max_evals=max_evals)
+    if name == "interpolation":
+        tolerance = options["line_search_tolerance"]
+        return ls.interpolation(
+            phi, value0, slope, initial_step, tolerance=tolerance, c1=options["c1"], max_evals=max_evals
+        )
     if name == "golden":
         return ls.golden_section(
             phi, value0, slope, initial_step, tolerance=options["line_search_tolerance"], max_evals=max_evals
@@ -693,6 +708,9 @@ def _at_precision_limit(phi: _LineFunction, value0: float, slope: float, roundin
     at the shortest one both the first-order decrease and the change the loss showed are below the rounding.
     """
     nearest = phi.nearest
+    # A loss computed too coarsely to show small changes (it repeated phi(0) exactly) resolves no finer than the
+    # smallest change it did show.
+    rounding = max(rounding, ls.value_resolution(value0, phi.trials))
     return (
         not phi.non_finite
         and nearest is not None

@@ -329,7 +329,7 @@ def test_bf16_mixed_on_cpu():
 
 
 def test_compute_counts_forward_and_backward_passes():
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1)
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, trial_batching="batches")
     trainer = fit(TinyClassifier(samples=240), callback, max_epochs=2)
     cg = trainer.optimizers[0].optimizer
     # Epoch 1 (Adam): forward + backward of 240 samples = 3 x 240. Epoch 2 (CG): the loop's own pass (3 x 240),

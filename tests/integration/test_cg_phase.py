@@ -247,7 +247,9 @@ def test_batches_beyond_the_device_cache_bound_give_the_same_result():
     weights = []
     for max_cached_bytes in (0, 2**30):
         model = TinyClassifier()
-        callback = ConvexitySwapCallback(fixed_swap_epoch=1, max_cached_bytes=max_cached_bytes)
+        callback = ConvexitySwapCallback(
+            fixed_swap_epoch=1, max_cached_bytes=max_cached_bytes, trial_batching="batches"
+        )
         pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
         weights.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*weights):

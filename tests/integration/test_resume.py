@@ -75,7 +75,7 @@ def test_a_checkpoint_after_the_swap_holds_the_cg_state_and_the_first_phase_for_
     reference = swap_callback(reference_trainer)
     saved = torch.load(directory / f"epoch={reference.swap_epoch}.ckpt", weights_only=False)
     (optimizer_state,) = saved["optimizer_states"]
-    assert "macro_batch" in optimizer_state and optimizer_state["param_groups"][0]["line_search"] == "brent"
+    assert "macro_batch" in optimizer_state and optimizer_state["param_groups"][0]["line_search"] == "interpolation"
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
     adam_state = state["first_optimizer_state"]["optimizer"]
     assert "betas" in adam_state["param_groups"][0]  # the Adam the fallback would resume

@@ -3,6 +3,7 @@ randomness, and trial evaluations that leave no trace."""
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 
 import pytest
@@ -131,3 +132,60 @@ def test_the_loss_in_what_a_training_step_returns():
     assert training_step_loss(None) is None
     with pytest.raises(TypeError, match="must return a loss tensor"):
         training_step_loss((loss,))
+
+
+def counting_objective(model: nn.Module, trial_batching: str, messages: list[str]) -> tuple[TrainingObjective, list]:
+    calls: list[int] = []
+
+    def loss_fn(batch, batch_idx):
+        inputs, targets = batch
+        calls.append(len(inputs))
+        return nn.functional.mse_loss(model(inputs), targets)
+
+    objective = TrainingObjective(
+        loss_fn, list(model.parameters()), model, trial_batching=trial_batching, inform=messages.append
+    )
+    for index, batch in enumerate(regression_batches()):
+        objective.add(batch, index)
+    return objective, calls
+
+
+def test_auto_trial_batching_takes_one_chunk_where_it_gives_the_same_loss():
+    torch.manual_seed(0)
+    messages: list[str] = []
+    objective, calls = counting_objective(nn.Linear(5, 1), "auto", messages)
+    first = float(objective.value())  # decides: batch by batch, then as one chunk
+    assert calls == [16, 16, 7, 39] and objective.trial_batching == "chunks"
+    assert "in one chunk" in messages[0]
+    calls.clear()
+    assert float(objective.value()) == pytest.approx(first, rel=1e-6)
+    assert calls == [39]  # one call for the 39 kept samples
+
+
+def test_auto_trial_batching_keeps_batches_where_the_loss_depends_on_the_batch():
+    torch.manual_seed(0)
+    messages: list[str] = []
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))  # batch statistics in training mode
+    objective, calls = counting_objective(model, "auto", messages)
+    objective.value()
+    assert objective.trial_batching == "batches" and "batch by batch" in messages[0]
+    calls.clear()
+    objective.value()
+    assert calls == [16, 16, 7]
+
+
+def test_batches_that_cannot_be_joined_are_evaluated_one_by_one():
+    model = nn.Linear(5, 1)
+
+    def loss_fn(batch, batch_idx):
+        (inputs, targets), _names = batch
+        return nn.functional.mse_loss(model(inputs), targets)
+
+    messages: list[str] = []
+    objective = TrainingObjective(
+        loss_fn, list(model.parameters()), model, trial_batching="auto", inform=messages.append
+    )
+    for index, batch in enumerate(regression_batches()):
+        objective.add((batch, "names of a batch"), index)
+    assert math.isfinite(float(objective.value()))
+    assert objective.trial_batching == "batches"

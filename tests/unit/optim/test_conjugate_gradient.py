@@ -153,7 +153,7 @@ def nan_beyond_two(x: torch.Tensor) -> torch.Tensor:
     return torch.where((x > 2).any(), torch.full_like(loss, math.nan), loss)
 
 
-@pytest.mark.parametrize("line_search", ["strong_wolfe", "armijo", "golden", "brent"])
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "armijo", "golden", "brent", "interpolation"])
 def test_nan_regions_are_failed_trials_and_never_accepted(line_search):
     x = torch.zeros(5, dtype=torch.float64, requires_grad=True)
     optimizer = ConjugateGradient([x], line_search=line_search, lr=10.0)
@@ -186,7 +186,7 @@ def test_non_finite_gradient_at_start_raises():
     assert torch.equal(x.detach(), before)
 
 
-@pytest.mark.parametrize("line_search", ["strong_wolfe", "golden"])
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "golden", "interpolation"])
 def test_closure_that_raises_mid_search_leaves_parameters_at_the_start(line_search):
     x = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
     optimizer = ConjugateGradient([x], line_search=line_search)
@@ -238,7 +238,7 @@ def test_failed_line_search_restores_the_start_and_restarts():
     assert optimizer.totals["line_search_failures"] == 2
 
 
-@pytest.mark.parametrize("line_search", ["strong_wolfe", "armijo", "golden", "brent"])
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "armijo", "golden", "brent", "interpolation"])
 def test_no_decrease_below_the_rounding_of_the_loss_is_convergence_not_failure(line_search):
     # 1e-9 from the minimum of 1 + |x - c|^2 / 2: the gradient (1e-9) is above tolerance_grad, but no step can lower
     # the loss by more than 5e-19, far below its rounding (2e-16). The search finds no decrease, and that is the
@@ -249,11 +249,29 @@ def test_no_decrease_below_the_rounding_of_the_loss_is_convergence_not_failure(l
     optimizer = ConjugateGradient([x], line_search=line_search)
     loss = lambda v: 1.0 + 0.5 * (v - centre).square().sum()  # noqa: E731
     optimizer.step(make_closure(optimizer, loss, x))
-    expected = "precision_limit" if line_search in ("golden", "brent") else "converged"
+    expected = "precision_limit" if line_search in ("golden", "brent", "interpolation") else "converged"
     assert optimizer.diagnostics.line_search_status == expected
     assert not optimizer.diagnostics.failed
     assert optimizer.totals["line_search_failures"] == 0
     assert float(loss(x.detach())) == 1.0
+
+
+def test_back_at_the_precision_limit_the_search_is_not_repeated():
+    # The same point gives the same search: once no decrease was resolvable there, later steps from it (the next
+    # epoch of a converged CG phase) cost only the closure's gradient.
+    centre = torch.tensor([0.5, -0.25], dtype=torch.float64)
+    x = (centre + 1e-9).requires_grad_(True)
+    optimizer = ConjugateGradient([x], line_search="interpolation")
+    loss = lambda v: 1.0 + 0.5 * (v - centre).square().sum()  # noqa: E731
+    closure = make_closure(optimizer, loss, x)
+    optimizer.step(closure, lambda: loss(x))
+    first = optimizer.diagnostics
+    assert first.line_search_status == "precision_limit" and first.value_evaluations > 0
+    for _ in range(3):
+        optimizer.step(closure, lambda: loss(x))
+        assert optimizer.diagnostics.line_search_status == "precision_limit"
+        assert (optimizer.diagnostics.value_evaluations, optimizer.diagnostics.gradient_evaluations) == (0, 1)
+    assert optimizer.totals["line_search_failures"] == 0
 
 
 def test_diagnostics_describe_the_step():

@@ -51,7 +51,7 @@ def test_strong_wolfe_result_satisfies_the_conditions(first_step):
     assert result.evaluations == phi.calls - 1  # the call above for value0 is not the search's
 
 
-@pytest.mark.parametrize("search", [ls.golden_section, ls.brent])
+@pytest.mark.parametrize("search", [ls.golden_section, ls.brent, ls.interpolation])
 @pytest.mark.parametrize("first_step", [1e-3, 0.5, 2.0, 50.0])
 def test_value_only_searches_find_the_minimum_to_their_tolerance(search, first_step):
     phi = quartic()
@@ -71,6 +71,45 @@ def test_brent_needs_fewer_evaluations_than_golden_section():
     assert evaluations["brent"] < evaluations["golden_section"]
 
 
+def quadratic(minimum: float = 3.0) -> Counted:
+    return Counted(lambda t: (t - minimum) ** 2 + 1.0, lambda t: 2 * (t - minimum))
+
+
+@pytest.mark.parametrize(("first_step", "evaluations"), [(0.5, 3), (1.0, 3), (2.0, 3), (2.9, 2), (6.0, 2), (20.0, 2)])
+def test_interpolation_takes_two_or_three_evaluations_on_a_quadratic(first_step, evaluations):
+    # The parabola through phi(0), phi'(0) and the first trial is exact, so the second trial is the minimum; a
+    # first trial short of it needs a third beside the minimum to bracket it, one beyond it brackets it already.
+    phi = quadratic()
+    result = ls.interpolation(phi, phi.f(0.0), phi.df(0.0), first_step, tolerance=0.1)
+    assert (result.status, result.evaluations, phi.calls) == (ls.CONVERGED, evaluations, evaluations)
+    assert result.step == pytest.approx(3.0, rel=0.1)
+
+
+@pytest.mark.parametrize("first_step", [1e-4, 300.0])
+def test_interpolation_does_not_accept_a_step_it_had_to_clip(first_step):
+    # The parabola's minimiser lies beyond the tenth-to-ten-times window of the first trial: the clipped second trial
+    # agrees with the (exact) parabola but is no minimum; the search goes on to it.
+    phi = quadratic()
+    result = ls.interpolation(phi, phi.f(0.0), phi.df(0.0), first_step, tolerance=0.1)
+    assert result.status == ls.CONVERGED
+    assert result.step == pytest.approx(3.0, rel=0.1)
+    assert result.evaluations > 2
+
+
+def test_interpolation_needs_fewer_evaluations_than_brent_near_a_minimum():
+    # cosh(t - 1) is nearly quadratic on [0, 2]: the regime of the CG phase, close to a minimum.
+    evaluations = {}
+    for search in (ls.brent, ls.interpolation):
+        total = 0
+        for first_step in (0.3, 0.6, 0.9, 1.3, 1.8):
+            phi = Counted(lambda t: math.cosh(t - 1.0), lambda t: math.sinh(t - 1.0))
+            result = search(phi, phi.f(0.0), phi.df(0.0), first_step, tolerance=0.1)
+            assert result.step == pytest.approx(1.0, rel=0.1)
+            total += result.evaluations
+        evaluations[search.__name__] = total
+    assert evaluations["interpolation"] < 0.7 * evaluations["brent"], evaluations
+
+
 def test_armijo_accepts_the_first_step_with_sufficient_decrease_and_backtracks_otherwise():
     phi = quartic()
     result = ls.armijo(phi, phi.f(0.0), phi.df(0.0), 1.0)
@@ -83,7 +122,13 @@ def test_armijo_accepts_the_first_step_with_sufficient_decrease_and_backtracks_o
 
 @pytest.mark.parametrize(
     ("search", "need_derivative"),
-    [(ls.strong_wolfe, True), (ls.armijo, False), (ls.golden_section, False), (ls.brent, False)],
+    [
+        (ls.strong_wolfe, True),
+        (ls.armijo, False),
+        (ls.golden_section, False),
+        (ls.brent, False),
+        (ls.interpolation, False),
+    ],
 )
 def test_non_finite_trials_shrink_the_step(search, need_derivative):
     # The function is NaN beyond t = 1, so the true minimum at t = 2 is out of reach; every accepted point is finite.
@@ -96,7 +141,7 @@ def test_non_finite_trials_shrink_the_step(search, need_derivative):
     assert result.value < phi.f(0.0)
 
 
-@pytest.mark.parametrize("search", [ls.strong_wolfe, ls.armijo, ls.golden_section, ls.brent])
+@pytest.mark.parametrize("search", [ls.strong_wolfe, ls.armijo, ls.golden_section, ls.brent, ls.interpolation])
 def test_every_search_respects_its_evaluation_bound_and_reports_failure(search):
     # Nothing but the start is finite: the search must give up within max_evals and report step 0.
     phi = Counted(lambda t: 1.0, lambda t: -1.0, nan_beyond=0.0)
