@@ -1,7 +1,13 @@
 """Convexity-dependent two-phase training for PyTorch Lightning: Adam first, conjugate gradient after the swap."""
 
 from lightning_twophase.callback import ConvexitySwapCallback
-from lightning_twophase.detection import GradientNormPeakDetector, SwapDecision, SwapDetector
+from lightning_twophase.detection import (
+    GradientNormPeakDetector,
+    ProbeDetector,
+    ProbeResult,
+    SwapDecision,
+    SwapDetector,
+)
 from lightning_twophase.fallback import FallbackDecision, FallbackPolicy
 from lightning_twophase.objective import is_trial_evaluation
 from lightning_twophase.optim import ConjugateGradient, NonFiniteObjectiveError, StepDiagnostics
@@ -13,6 +19,8 @@ __all__ = [
     "FallbackPolicy",
     "GradientNormPeakDetector",
     "NonFiniteObjectiveError",
+    "ProbeDetector",
+    "ProbeResult",
     "StepDiagnostics",
     "SwapDecision",
     "SwapDetector",

@@ -24,13 +24,14 @@ from torch.optim import Optimizer
 __all__ = [
     "TrainerSettings",
     "backward_sync_blocked",
-    "batch_loss",
     "is_last_batch",
     "logging_suppressed",
     "scheduler_configs",
     "set_callback_metric",
     "set_optimizers",
     "set_scheduler_configs",
+    "step_loss",
+    "undo_accumulation",
     "unsupported_settings",
     "unsupported_strategy",
     "uses_grad_scaler",
@@ -122,15 +123,16 @@ def set_callback_metric(trainer: pl.Trainer, name: str, value: float) -> None:
     trainer.callback_metrics[name] = torch.tensor(float(value))
 
 
-def batch_loss(outputs: Any, trainer: pl.Trainer) -> Tensor | None:
-    """The loss of the batch from ``on_train_batch_end``'s ``outputs``, detached.
-
-    Lightning hands the callback the loss divided by ``accumulate_grad_batches``; this undoes the division.
-    """
+def step_loss(outputs: Any) -> Tensor | None:
+    """The loss in ``on_train_batch_end``'s ``outputs``, detached, as Lightning hands it over: divided by
+    ``accumulate_grad_batches`` (:func:`undo_accumulation` undoes that, once for a mean of many)."""
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    if not isinstance(loss, Tensor):
-        return None
-    return loss.detach().float() * trainer.accumulate_grad_batches
+    return loss.detach() if isinstance(loss, Tensor) else None
+
+
+def undo_accumulation(loss: Tensor, trainer: pl.Trainer) -> Tensor:
+    """The batch loss from what :func:`step_loss` returned (or a mean of such values)."""
+    return loss * trainer.accumulate_grad_batches
 
 
 def is_last_batch(trainer: pl.Trainer) -> bool:

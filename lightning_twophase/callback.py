@@ -18,19 +18,17 @@ CG phase in ``on_fit_start``, before Lightning restores the optimizer states.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_twophase import monitoring, settings, tags
 from lightning_twophase._lightning import is_last_batch, set_callback_metric, unsupported_settings
-from lightning_twophase.detection import GradientNormPeakDetector, SwapDetector
+from lightning_twophase.detection import SwapDetector
 from lightning_twophase.fallback import FallbackPolicy
 from lightning_twophase.optim import ConjugateGradient
 from lightning_twophase.phases import (
@@ -43,6 +41,7 @@ from lightning_twophase.phases import (
     RunRecord,
     SchedulerFactory,
     log_figure,
+    write_run_outputs,
 )
 
 __all__ = ["ConvexitySwapCallback"]
@@ -56,15 +55,21 @@ class ConvexitySwapCallback(Callback):
         trainer = Trainer(callbacks=[ConvexitySwapCallback()])
         trainer.fit(model)
 
-    Detection (the paper's Algorithm 1 by default) runs on the mean training loss and mean gradient norm of each
-    check. The swap point, its reason and the CG diagnostics go to every logger under ``twophase/``; TensorBoard also
+    At each check (each epoch by default) a detector decides: by default a :class:`~lightning_twophase.ProbeDetector`,
+    which swaps once a short, measured run of conjugate gradient (undone afterwards) decreases the loss faster per
+    unit of compute than the first optimizer; ``detector="paper"`` gives the paper's Algorithm 1. After the swap a
+    progress guard keeps comparing the CG phase with the first optimizer, and falls back once it is both slower and
+    behind where the first optimizer would be. The
+    swap point, its reason and the CG diagnostics go to every logger under ``twophase/``; TensorBoard also
     gets a custom-scalars layout, a text event at the swap and the norm-vs-loss figure. After ``fit``, the callback's
     :attr:`swap_epoch`, :attr:`swap_step` and :attr:`swap_reason` tell where and why it swapped; the numbers are also
     in ``trainer.callback_metrics`` (``twophase/swap_epoch``, ``twophase/swap_step``, ``twophase/phase``), which is
     what reaches the launching process under ``strategy="ddp_spawn"``.
 
     Args:
-        factor, smoothing, patience, require_rise: the paper's rule (see
+        detector: ``"probe"`` (the default rule), ``"paper"`` (Algorithm 1 as published), or any object with the
+            methods of :class:`~lightning_twophase.SwapDetector`, used as it is.
+        factor, smoothing, patience, require_rise: options of the paper's rule, only with ``detector="paper"`` (see
             :class:`~lightning_twophase.GradientNormPeakDetector`): swap when the gradient norm (smoothed by an
             exponential moving average with this weight of the past) stays below ``factor`` times its running peak
             for ``patience`` checks, the peak counting only after the norm has risen once.
@@ -90,17 +95,18 @@ class ConvexitySwapCallback(Callback):
             ConjugateGradient.
         fallback: go back to the first-phase optimizer if the CG phase fails (the paper's "safe resort"). Keeps the
             first-phase optimizer and its state in memory and in checkpoints.
-        fallback_after_failures, fallback_loss_window, fallback_loss_rtol: the fallback policy (see
-            :class:`~lightning_twophase.FallbackPolicy`): fall back after this many consecutive line-search failures,
-            or when the loss at a check is more than ``fallback_loss_rtol`` (relative) above its value
-            ``fallback_loss_window`` CG checks before (``None``: never for this reason).
+        fallback_after_failures, fallback_loss_window, fallback_loss_rtol, fallback_progress_window: the fallback
+            policy (see :class:`~lightning_twophase.FallbackPolicy`): fall back after this many consecutive
+            line-search failures; when the loss at a check is more than ``fallback_loss_rtol`` (relative) above its
+            value ``fallback_loss_window`` CG checks before; or when, judged every ``fallback_progress_window``
+            checks, the CG phase decreases the loss more slowly per unit of compute than the first optimizer did
+            before the swap and is not ahead of where the first optimizer would be (``None``: never for these
+            reasons).
         max_cached_bytes: a macro-batch's batches stay on the training device up to this many bytes; the rest wait in
             host memory during the iteration.
         trial_batching: how line-search trials evaluate the kept batches: ``"auto"`` (in one concatenated chunk if
             that gives the same loss as batch by batch, checked once), ``"chunks"`` or ``"batches"``.
         log_figures: draw the norm-vs-loss figure (needs matplotlib) at the swap and at the end of training.
-        detector: a detector to use instead of the paper's rule (any object with the methods of
-            :class:`~lightning_twophase.SwapDetector`); not together with the detection arguments above.
 
     Raises:
         ValueError: at construction, for settings out of range.
@@ -131,18 +137,18 @@ class ConvexitySwapCallback(Callback):
         fallback_after_failures: int = 3,
         fallback_loss_window: int | None = 5,
         fallback_loss_rtol: float = 1e-3,
+        fallback_progress_window: int | None = 10,
         max_cached_bytes: int = 2 * 1024**3,
         trial_batching: str = "auto",
         log_figures: bool = True,
-        detector: SwapDetector | None = None,
+        detector: str | SwapDetector = "probe",
     ) -> None:
         super().__init__()
         detection = {name: value for name, value in locals().items() if name in settings.DETECTION_DEFAULTS}
         settings.check_arguments(detection, detector, check_every_n_steps, cg_phase, preconditioner)
-        settings.check_fallback_arguments(fallback_after_failures, fallback_loss_window, fallback_loss_rtol)
-        settings.check_second_phase_arguments(optimizer_kwargs, max_cached_bytes, trial_batching)
-        if optimizer_kwargs is not None and optimizer_factory is not None:
-            raise ValueError("ConvexitySwapCallback: pass `optimizer_kwargs` or `optimizer_factory`, not both.")
+        policy = (fallback_after_failures, fallback_loss_window, fallback_loss_rtol, fallback_progress_window)
+        settings.check_fallback_arguments(*policy)
+        settings.check_second_phase_arguments(optimizer_kwargs, optimizer_factory, max_cached_bytes, trial_batching)
         self._detection = settings.detection_settings(detection)
         self.check_every_n_steps = check_every_n_steps
         self.detect_only = detect_only
@@ -155,16 +161,17 @@ class ConvexitySwapCallback(Callback):
             scheduler_factory=scheduler_factory,
             preconditioner=preconditioner,
             fallback=fallback,
-            policy=partial(FallbackPolicy, fallback_after_failures, fallback_loss_window, fallback_loss_rtol),
+            policy=partial(FallbackPolicy, *policy),
             max_cached_bytes=max_cached_bytes,
             trial_batching=trial_batching,
             warn_single_batches=cg_phase == settings.MINI_BATCH,
         )
         self._record = RunRecord()
         self._phases = PhaseFactory(self._record, cg_config, detect_only, seed=int(torch.initial_seed()) % (2**31))
-        self.detector = detector
-        if detector is None and not settings.has_fraction(self._detection):
-            self.detector = GradientNormPeakDetector(**self._detection)
+        self._phases.detector = None if isinstance(detector, str) else detector
+        self._detector_name = detector if isinstance(detector, str) else None
+        if self._detector_name is not None and not settings.has_fraction(self._detection):
+            self._phases.detector = settings.build_detector(self._detector_name, self._detection)
         self._phase: Phase = self._phases.first()
         self._resumed_phase: dict[str, Any] | None = None
         self._last_check = 0
@@ -173,10 +180,6 @@ class ConvexitySwapCallback(Callback):
     def detector(self) -> SwapDetector | None:
         """The swap detector (built at ``setup`` when an epoch option is a fraction of ``max_epochs``)."""
         return self._phases.detector
-
-    @detector.setter
-    def detector(self, detector: SwapDetector | None) -> None:
-        self._phases.detector = detector
 
     @property
     def phase(self) -> str:
@@ -201,7 +204,8 @@ class ConvexitySwapCallback(Callback):
 
     @property
     def fallback_reason(self) -> str | None:
-        """Why the CG phase fell back to the first-phase optimizer, if it did."""
+        """Why the CG phase last fell back to the first-phase optimizer, if it did (kept after a later swap; the swap
+        attributes describe the last swap)."""
         return self._record.fallback_reason
 
     @property
@@ -221,8 +225,8 @@ class ConvexitySwapCallback(Callback):
         problems = unsupported_settings(trainer, pl_module)
         problems += settings.resolve_fractions(self._detection, trainer.max_epochs)
         settings.refuse(problems)
-        if self.detector is None:
-            self.detector = GradientNormPeakDetector(**self._detection)
+        if self.detector is None and self._detector_name is not None:
+            self._phases.detector = settings.build_detector(self._detector_name, self._detection)
             self._phase = self._phases.first()
         if self.cg_phase == settings.MINI_BATCH:
             settings.warn_single_batches()
@@ -298,14 +302,18 @@ class ConvexitySwapCallback(Callback):
             return
         loss, grad_norm = means
         step = trainer.global_step
-        decision = self._phase.decide(loss, grad_norm, epoch=epochs_done, step=step)
+        decision = self._phase.decide(trainer, loss, grad_norm, epoch=epochs_done, step=step)
         scalars = self._record.add_check(epochs_done, step, loss, grad_norm, self.phase, decision.scalars)
         monitoring.log_scalars(trainer, scalars, step)
-        # Every rank reached the decision from the same reduced numbers; rank 0's answer settles any doubt.
-        if bool(trainer.strategy.broadcast(decision.leave, src=0)):
+        # Every rank reached the decision from the same reduced numbers, but the compute it counts is its own (shards
+        # may differ in size): rank 0's answer settles it, so that every rank swaps, or runs a probe, together.
+        leave, probe = (bool(value) for value in trainer.strategy.broadcast((decision.leave, decision.probe), src=0))
+        if leave:
             self._leave_phase(
                 trainer, pl_module, decision, epoch=epochs_done if at_epoch_end else trainer.current_epoch
             )
+        elif probe:
+            self._phase.begin_probe(trainer)
 
     def _leave_phase(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: PhaseDecision, epoch: int
@@ -318,14 +326,7 @@ class ConvexitySwapCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._phase.close()
         set_callback_metric(trainer, tags.PHASE, tags.PHASE_VALUES[self.phase])
-        # `log_dir` is a collective (a broadcast): every rank must ask for it.
-        log_dir = trainer.log_dir if trainer.loggers else None
-        if self.log_figures:
-            log_figure(trainer, self._record, log_dir)
-        if log_dir is not None:
-            monitoring.write_history_csv(self.history, Path(log_dir) / "twophase_history.csv")
-        if self.swap_reason is None:
-            rank_zero_info(monitoring.no_swap_message(self.history, trainer.current_epoch, self.detector))
+        write_run_outputs(trainer, self._record, self.detector, self.log_figures)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -334,14 +335,14 @@ class ConvexitySwapCallback(Callback):
             **self._phase.state_dict(),
             "record": self._record.state_dict(),
             "detector": None if self.detector is None else self.detector.state_dict(),
+            "detector_type": type(self.detector).__name__,
             "objective_seed": self._phases.seed,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._record.load_state_dict(state_dict["record"])
-        if self.detector is not None and state_dict["detector"] is not None:
-            self.detector.load_state_dict(state_dict["detector"])
+        settings.restore_detector(self.detector, state_dict["detector"], state_dict.get("detector_type"))
         self._phases.seed = state_dict["objective_seed"]
         # The phase itself is rebuilt in `on_fit_start`, once the Trainer's optimizers exist.
         self._resumed_phase = state_dict

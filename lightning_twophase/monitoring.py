@@ -170,6 +170,8 @@ def no_swap_message(history: Sequence[dict[str, Any]], epochs: int, detector: An
             f"gradient norm (the last: loss {history[-1]['loss']}, gradient norm {history[-1]['grad_norm']}); "
             "check the data and the model for NaN or overflow."
         )
-    peak = getattr(detector, "peak", None)
+    peak, ratio = getattr(detector, "peak", None), getattr(detector, "last_ratio", None)
     detail = f" (peak gradient norm {peak:.4g})" if isinstance(peak, float) else ""
+    if isinstance(ratio, float) and math.isfinite(ratio):
+        detail = f" (the last probe measured conjugate gradient at {ratio:.3g} x the first optimizer's rate)"
     return f"ConvexitySwapCallback: no swap point was found in {epochs} epochs{detail}."

@@ -13,6 +13,8 @@ phase writes to and checkpoints carry.
 
 from __future__ import annotations
 
+import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,18 +32,20 @@ from lightning_twophase import monitoring, tags
 from lightning_twophase._lightning import (
     TrainerSettings,
     backward_sync_blocked,
-    batch_loss,
     is_last_batch,
     scheduler_configs,
     set_callback_metric,
+    step_loss,
+    undo_accumulation,
 )
 from lightning_twophase._macro_batch import MacroBatchStep, _MacroBatchOptimizer
 from lightning_twophase.detection import SwapDetector
 from lightning_twophase.fallback import FallbackDecision, FallbackPolicy
 from lightning_twophase.objective import lightning_objective, module_state
-from lightning_twophase.optim import ConjugateGradient, NonFiniteObjectiveError
-from lightning_twophase.optim.distributed import broadcast_
-from lightning_twophase.preconditioning import second_moment_preconditioner
+from lightning_twophase.optim import NonFiniteObjectiveError
+from lightning_twophase.preconditioning import apply_preconditioner
+from lightning_twophase.probe import CGProbe
+from lightning_twophase.rates import trailing_rate
 
 __all__ = [
     "CGPhase",
@@ -51,24 +55,26 @@ __all__ = [
     "PhaseDecision",
     "PhaseFactory",
     "RunRecord",
+    "log_figure",
+    "write_run_outputs",
 ]
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
+#: Checks over which the first optimizer's rate is measured for the progress guard (as the default detector does).
+RATE_WINDOW = 10
 PreconditionerFactory = Callable[[Optimizer], Sequence[Tensor]]
 SchedulerFactory = Callable[[Optimizer], Any]
-
-#: ``preconditioner`` values: none, or the first phase's second moments (Adam's ``exp_avg_sq``).
-NO_PRECONDITIONER = "none"
-SECOND_MOMENTS = "second_moments"
 
 
 @dataclass(frozen=True)
 class PhaseDecision:
-    """A phase's answer at a check: whether to leave it for the next phase, why, and what to log with the check."""
+    """A phase's answer at a check: whether to leave it for the next phase, why, what to log with the check, and
+    whether the detector asks for a probe over the next check interval."""
 
     leave: bool
     reason: str
     scalars: dict[str, float] = field(default_factory=dict)
+    probe: bool = False
 
 
 @dataclass
@@ -79,6 +85,8 @@ class RunRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     #: Samples passed forward plus twice the samples passed backward, over all ranks (backward ~ 2 forward).
     compute: float = 0.0
+    #: The part of :attr:`compute` that probes spent (not training: their steps are undone).
+    probe_compute: float = 0.0
     swap_epoch: int | None = None
     swap_step: int | None = None
     swap_reason: str | None = None
@@ -92,11 +100,25 @@ class RunRecord:
         """Add one check to :attr:`history`; return what to log for it, by tag (``scalars``: the detector's)."""
         record: dict[str, Any] = {"epoch": epoch, "step": step, "loss": loss, "grad_norm": grad_norm}
         record.update({tags.column(tag): value for tag, value in scalars.items()})
-        record.update(phase=phase, compute=self.compute)
+        record.update(phase=phase, compute=self.compute, probe_compute=self.probe_compute)
         self.history.append(record)
         logged = {tags.LOSS: loss, tags.GRAD_NORM: grad_norm, **scalars}
         logged.update({tags.PHASE: tags.PHASE_VALUES[phase], tags.COMPUTE: self.compute})
         return logged
+
+    @property
+    def training_compute(self) -> float:
+        """The compute that moved the weights: :attr:`compute` without the probes'."""
+        return self.compute - self.probe_compute
+
+    def first_phase_points(self) -> list[tuple[float, float]]:
+        """``(loss, training compute)`` of the checks of the first-phase stint that ends the history."""
+        points: list[tuple[float, float]] = []
+        for record in reversed(self.history):
+            if record["phase"] == "cg":
+                break
+            points.append((record["loss"], record["compute"] - record.get("probe_compute", 0.0)))
+        return points[::-1]
 
     def peak_check(self) -> int | None:
         """The check of the first phase with the largest gradient norm."""
@@ -109,8 +131,9 @@ class RunRecord:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        fresh = RunRecord()  # a checkpoint of an earlier version lacks the newer fields
         for name in self.__dataclass_fields__:
-            setattr(self, name, state[name])
+            setattr(self, name, state.get(name, getattr(fresh, name)))
         self.history = [dict(record) for record in self.history]
 
 
@@ -141,13 +164,16 @@ class Phase:
         """The mean loss and gradient norm since the previous check, identical on every rank; ``None`` if nothing."""
         raise NotImplementedError
 
-    def decide(self, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
+    def decide(self, trainer: pl.Trainer, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
         """Whether to leave this phase, given the check's numbers (the same on every rank)."""
         raise NotImplementedError
 
     def leave(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: PhaseDecision, epoch: int) -> Phase:
         """Act on ``decision`` and return the phase that follows."""
         raise NotImplementedError
+
+    def begin_probe(self, trainer: pl.Trainer) -> None:
+        """Keep the batches of the next check interval for a probe (asked for by the detector, agreed across ranks)."""
 
     def close(self) -> None:
         """Training ends: release what the phase keeps (kept batches)."""
@@ -163,11 +189,16 @@ class Phase:
 class FirstPhase(Phase):
     """Train with the first-phase optimizer; measure the loss and gradient norm, and ask the detector at each check.
 
+    The measuring is kept cheap, since it runs at every step: the batch losses are kept as device tensors and added up
+    at the check, and the gradient norm is measured at the steps the detector asks for (every step for the paper's
+    rule, which compares norms; a sample for the probes, which only log them).
+
     Args:
         record: the run's record.
         detector: the swap detector; ``None``: no swap (after a fallback, the swap is not tried again).
         successor: builds the CG phase at the swap; ``None`` only detects and logs the swap point.
         name: ``"first"``, or ``"fallback"`` for the first optimizer after a fallback.
+        probe: builds a :class:`~lightning_twophase.probe.CGProbe` when the detector asks for one.
 
     """
 
@@ -177,65 +208,114 @@ class FirstPhase(Phase):
         detector: SwapDetector | None,
         successor: Callable[[pl.Trainer, pl.LightningModule], CGPhase] | None,
         name: str = "first",
+        probe: Callable[[pl.Trainer], CGProbe] | None = None,
     ) -> None:
         self.name = name
         self.record = record
         self.detector = detector
         self.successor = successor
+        self._new_probe = probe
+        self._probe: CGProbe | None = None
+        self._probe_on_resume = False
+        self._norm_every = int(getattr(detector, "norm_every_n_steps", 1))
+        accepted = inspect.signature(detector.update).parameters if detector is not None else {}
+        self._extra = {name for name in ("compute", "probe") if name in accepted}
+        self._params: list[Tensor] = []
+        self._groups = -1
         self._reset()
 
     def _reset(self) -> None:
-        self._loss_sum: Tensor | None = None
-        self._loss_batches = 0
-        self._norm_sum: Tensor | None = None
-        self._norm_steps = 0
+        self._losses: list[Tensor] = []
+        self._norms: list[Tensor] = []
+        self._steps = 0
 
     def state_dict(self) -> dict[str, Any]:
-        # A checkpoint written between two checks (at a mid-epoch validation, say) carries what was added up so far.
-        sums = [None if total is None else float(total) for total in (self._loss_sum, self._norm_sum)]
-        return {"pending": [sums[0], self._loss_batches, sums[1], self._norm_steps]}
+        # A checkpoint written between two checks (at a mid-epoch validation, say) carries what was added up so far,
+        # and whether the detector asked for a probe over the interval.
+        return {
+            "pending": [float(sum(self._losses)), len(self._losses), float(sum(self._norms)), len(self._norms)]
+            if self._losses
+            else [None, 0, None, 0],
+            "probe_pending": self._probe is not None or self._probe_on_resume,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the sums of a checkpoint written between two checks."""
-        loss_sum, self._loss_batches, norm_sum, self._norm_steps = state.get("pending", [None, 0, None, 0])
-        self._loss_sum = None if loss_sum is None else torch.tensor(loss_sum, dtype=torch.float32)
-        self._norm_sum = None if norm_sum is None else torch.tensor(norm_sum, dtype=torch.float32)
+        loss_sum, losses, norm_sum, norms = state.get("pending", [None, 0, None, 0])
+        # The sums stand for their batches: the mean of the check is the same.
+        self._losses = [torch.tensor(loss_sum / losses)] * losses if losses else []
+        self._norms = [torch.tensor(norm_sum / norms)] * norms if norms else []
+        # The probe goes on over the rest of its interval (the batches it kept before the checkpoint are not in it).
+        self._probe_on_resume = bool(state.get("probe_pending", False))
+
+    def begin_probe(self, trainer: pl.Trainer) -> None:
+        if self._new_probe is not None:
+            self._probe = self._new_probe(trainer)
+
+    def close(self) -> None:
+        self._probe = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        if self._probe_on_resume:
+            self._probe_on_resume = False
+            self.begin_probe(trainer)
+        if self._probe is not None:
+            self._probe.keep(trainer, batch, batch_idx)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
-            return
-        # Global L2 norm, kept on the device: no synchronisation until the next check.
-        device = grads[0].device
-        norms = torch.stack([n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads)])
-        norm = torch.linalg.vector_norm(norms)
-        self._norm_sum = norm if self._norm_sum is None else self._norm_sum.to(norm.device) + norm
-        self._norm_steps += 1
+        self._steps += 1
+        if self._norms and self._steps % self._norm_every:
+            return  # at least one measure per check, then every norm_every-th step
+        if len(optimizer.param_groups) != self._groups:
+            self._params = [p for group in optimizer.param_groups for p in group["params"]]
+            self._groups = len(optimizer.param_groups)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            # The global L2 norm, kept on the device: no synchronisation until the check.
+            norms = torch._foreach_norm(grads)
+            try:
+                self._norms.append(torch.linalg.vector_norm(torch.stack(norms)))
+            except RuntimeError:  # gradients of several dtypes or devices
+                device = grads[0].device
+                self._norms.append(torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms])))
 
     def on_train_batch_end(self, trainer: pl.Trainer, outputs: Any, batch: Any) -> PhaseDecision | None:
-        loss = batch_loss(outputs, trainer)
+        loss = step_loss(outputs)
         if loss is not None:
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum.to(loss.device) + loss
-            self._loss_batches += 1
-            self.record.compute += trainer.world_size * 3 * extract_batch_size(batch)
+            self._losses.append(loss)
+            self.record.compute += trainer.world_size * 3 * _batch_size(batch)
         return None
 
     def measure(self, trainer: pl.Trainer) -> tuple[float, float] | None:
-        if self._loss_sum is None or self._norm_sum is None:
+        if not self._losses:
             self._reset()
             return None
-        local = torch.stack([self._loss_sum / self._loss_batches, self._norm_sum / self._norm_steps])
+        loss = torch.stack([value.to(self._losses[-1].device, torch.float32) for value in self._losses]).mean()
+        loss = undo_accumulation(loss, trainer)
+        norms = [value.to(loss.device, torch.float32) for value in self._norms]  # restored sums live on the CPU
+        norm = torch.stack(norms).mean() if norms else torch.full_like(loss, math.nan)
         self._reset()
-        reduced = trainer.strategy.reduce(local, reduce_op="mean")
-        loss, norm = (float(v) for v in reduced.tolist())  # the one host synchronisation per check
-        return loss, norm
+        reduced = trainer.strategy.reduce(torch.stack([loss, norm.to(loss.device)]), reduce_op="mean")
+        mean_loss, mean_norm = (float(v) for v in reduced.tolist())  # the one host synchronisation per check
+        return mean_loss, mean_norm
 
-    def decide(self, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
+    def decide(self, trainer: pl.Trainer, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
         if self.detector is None:
             return PhaseDecision(False, "no detector")
-        decision = self.detector.update(loss, grad_norm, epoch=epoch, step=step)
-        leave = decision.swap and self.record.swap_reason is None
-        return PhaseDecision(leave, decision.reason, dict(decision.scalars))
+        extra: dict[str, Any] = {}
+        if "probe" in self._extra:
+            extra["probe"] = None if self._probe is None else self._probe.run(trainer)
+            self._probe = None
+            if extra["probe"] is not None:
+                self.record.compute += extra["probe"].compute
+                self.record.probe_compute += extra["probe"].compute
+        if "compute" in self._extra:
+            extra["compute"] = self.record.training_compute
+        decision = self.detector.update(loss, grad_norm, epoch=epoch, step=step, **extra)
+        # Detecting only, the swap point is announced once.
+        leave = decision.swap and (self.successor is not None or self.record.swap_reason is None)
+        probe = decision.probe and "probe" in self._extra and self._new_probe is not None
+        return PhaseDecision(leave, decision.reason, dict(decision.scalars), probe)
 
     def leave(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: PhaseDecision, epoch: int) -> Phase:
         record = self.record
@@ -319,7 +399,7 @@ class CGPhase(Phase):
         config: CGPhaseConfig,
         record: RunRecord,
         seed: int,
-        successor: Callable[[], Phase],
+        successor: Callable[[int], Phase],
         first_state: dict[str, Any] | None = None,
         policy_state: dict[str, Any] | None = None,
         trial_batching: str | None = None,
@@ -344,9 +424,9 @@ class CGPhase(Phase):
             first_optimizer.load_state_dict(first_state["optimizer"])
             for scheduler_config, state in zip(first.lr_scheduler_configs, first_state["schedulers"]):
                 scheduler_config.scheduler.load_state_dict(state)
-        elif isinstance(self.optimizer, ConjugateGradient):
+        else:
             # On resume the preconditioner comes back with the optimizer state instead.
-            self._precondition(first_optimizer, self.optimizer)
+            apply_preconditioner(config.preconditioner, first_optimizer, self.optimizer, rank_zero_warn)
         params = [p for group in groups for p in group["params"]]
         objective = lightning_objective(
             trainer, pl_module, params, config.max_cached_bytes, seed, trial_batching or config.trial_batching
@@ -365,6 +445,12 @@ class CGPhase(Phase):
         self.policy = config.policy()
         if policy_state is not None:
             self.policy.load_state_dict(policy_state)
+        else:
+            # The progress guard measures the CG phase against the first optimizer's rate just before the swap, from
+            # the lowest loss the first optimizer reached over that window.
+            recent = [(loss, c) for loss, c in record.first_phase_points()[-RATE_WINDOW:] if math.isfinite(loss)]
+            start = (min(loss for loss, _ in recent), recent[-1][1]) if recent else None
+            self.policy.begin(trailing_rate(recent, RATE_WINDOW), start)
         self._install(trainer, announce=not resumed)
 
     def _install(self, trainer: pl.Trainer, announce: bool) -> None:
@@ -390,25 +476,6 @@ class CGPhase(Phase):
                 f"{trainer.num_training_batches} batches; expect the training loss to rise. Use cg_phase='full'.",
                 category=UserWarning,
             )
-
-    def _precondition(self, first: Optimizer, second: ConjugateGradient) -> None:
-        preconditioner = self.config.preconditioner
-        if preconditioner == NO_PRECONDITIONER:
-            return
-        if callable(preconditioner):
-            diagonal = list(preconditioner(first))
-        else:
-            diagonal = second_moment_preconditioner(first)
-            if diagonal is None:
-                rank_zero_warn(
-                    f"ConvexitySwapCallback: {type(first).__name__} has no second moments to precondition the CG "
-                    "phase with (it keeps none, or has not stepped yet); it runs plain conjugate gradient "
-                    "(preconditioner='none' silences this)."
-                )
-                return
-        # Rank 0's diagonal for every rank: the same geometry keeps the replicas identical.
-        broadcast_(diagonal)
-        second.set_preconditioner(diagonal)
 
     # ------------------------------------------------------------------------------------------------------------
     # Hooks
@@ -490,8 +557,9 @@ class CGPhase(Phase):
         self._points.clear()
         return sum(losses) / len(losses), sum(norms) / len(norms)
 
-    def decide(self, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
-        return self._fallback_decision(self.policy.check(loss)) or PhaseDecision(False, "")
+    def decide(self, trainer: pl.Trainer, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
+        decision = self.policy.check(loss, self.record.training_compute)
+        return self._fallback_decision(decision) or PhaseDecision(False, "")
 
     def leave(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: PhaseDecision, epoch: int) -> Phase:
         self.adapter.discard()
@@ -504,7 +572,7 @@ class CGPhase(Phase):
         )
         rank_zero_warn(message)
         monitoring.log_text(trainer, tags.FALLBACK_TEXT, message, trainer.global_step)
-        return self.successor()
+        return self.successor(epoch)
 
     def _add_to_first_optimizer(self, params: list[Tensor]) -> None:
         # The fallback's optimizer trains them too, with its own defaults.
@@ -549,10 +617,22 @@ class PhaseFactory:
         self.seed = seed
         #: The swap detector of the first phase (set by the callback once it can be built).
         self.detector: SwapDetector | None = None
+        #: How trial evaluations go through the kept batches; ``"auto"`` until the first probe or CG step decides.
+        self.trial_batching = cg_config.trial_batching
 
     def first(self) -> FirstPhase:
         """The first phase, asking the detector at each check."""
-        return FirstPhase(self.record, self.detector, None if self.detect_only else self.cg)
+        return FirstPhase(self.record, self.detector, None if self.detect_only else self.cg, probe=self.probe)
+
+    def probe(self, trainer: pl.Trainer) -> CGProbe:
+        """A probe of the CG phase, for the detector that asked for one."""
+        iterations = int(getattr(self.detector, "probe_iterations", 5))
+        return CGProbe(
+            trainer.lightning_module, self.cg_config, self.seed, iterations, self.trial_batching, self._decided
+        )
+
+    def _decided(self, trial_batching: str) -> None:
+        self.trial_batching = trial_batching
 
     def cg(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None = None) -> CGPhase:
         """The CG phase, installed on ``trainer`` at once (``state``: from a checkpoint written in the CG phase)."""
@@ -560,12 +640,18 @@ class PhaseFactory:
         return CGPhase(
             trainer, pl_module, self.cg_config, self.record, self.seed, self.fallback,
             first_state=state.get("first_optimizer_state"), policy_state=state.get("policy"),
-            trial_batching=state.get("trial_batching"),
+            trial_batching=state.get("trial_batching") or self.trial_batching,
         )  # fmt: skip
 
-    def fallback(self) -> FirstPhase:
-        """The first optimizer again, after a fallback: it does not try the swap again."""
-        return FirstPhase(self.record, detector=None, successor=None, name="fallback")
+    def fallback(self, epoch: int | None = None) -> FirstPhase:
+        """The first optimizer again, after a fallback at ``epoch`` (``None``: restored from a checkpoint). A detector
+        that can try again (one with ``on_fallback``, as :class:`~lightning_twophase.ProbeDetector`) goes on; the
+        others have had their swap."""
+        retry = self.detector is not None and hasattr(self.detector, "on_fallback") and not self.detect_only
+        if retry and epoch is not None:
+            self.detector.on_fallback(epoch)  # type: ignore[union-attr]
+        detector = self.detector if retry else None
+        return FirstPhase(self.record, detector, self.cg if retry else None, name="fallback", probe=self.probe)
 
     def restore(self, name: str, state: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule) -> Phase:
         """The phase a checkpoint was written in."""
@@ -577,7 +663,7 @@ class PhaseFactory:
                     "or resume from a checkpoint written before the swap."
                 )
             return self.cg(trainer, pl_module, state)
-        phase = self.fallback() if name == "fallback" else self.first()
+        phase = self.fallback(None) if name == "fallback" else self.first()
         phase.load_state_dict(state)
         return phase
 
@@ -592,3 +678,23 @@ def log_figure(trainer: pl.Trainer, record: RunRecord, save_dir: str | None = No
     monitoring.log_figure(trainer, tags.NORM_VS_LOSS_FIGURE, figure, trainer.global_step)
     if save_dir is not None:
         monitoring.save_figure(figure, Path(save_dir) / "norm_vs_loss.png")
+
+
+def write_run_outputs(trainer: pl.Trainer, record: RunRecord, detector: Any, figures: bool) -> None:
+    """At the end of training: the figure (TensorBoard and PNG), the history as CSV next to the logs, and, without
+    a swap, why."""
+    # `log_dir` is a collective (a broadcast): every rank must ask for it.
+    log_dir = trainer.log_dir if trainer.loggers else None
+    if figures:
+        log_figure(trainer, record, log_dir)
+    if log_dir is not None:
+        monitoring.write_history_csv(record.history, Path(log_dir) / "twophase_history.csv")
+    if record.swap_reason is None:
+        rank_zero_info(monitoring.no_swap_message(record.history, trainer.current_epoch, detector))
+
+
+def _batch_size(batch: Any) -> int:
+    """The number of samples in a batch; quick for the usual tuple of tensors, Lightning's rule otherwise."""
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() > 0:
+        return batch[0].shape[0]
+    return extract_batch_size(batch)

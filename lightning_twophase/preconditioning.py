@@ -8,11 +8,20 @@ their scale.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["second_moment_preconditioner"]
+from lightning_twophase.optim.conjugate_gradient import ConjugateGradient
+from lightning_twophase.optim.distributed import broadcast_
+
+__all__ = ["NO_PRECONDITIONER", "SECOND_MOMENTS", "apply_preconditioner", "second_moment_preconditioner"]
+
+#: ``preconditioner`` values: none, or the first phase's second moments (Adam's ``exp_avg_sq``).
+NO_PRECONDITIONER = "none"
+SECOND_MOMENTS = "second_moments"
 
 
 def second_moment_preconditioner(optimizer: Optimizer) -> list[Tensor] | None:
@@ -51,3 +60,33 @@ def second_moment_preconditioner(optimizer: Optimizer) -> list[Tensor] | None:
         (torch.ones_like(p, dtype=torch.float64) if d is None else d / mean).to(dtype=p.dtype)
         for p, d in zip(params, diagonals)
     ]
+
+
+def apply_preconditioner(
+    choice: str | Callable[[Optimizer], Sequence[Tensor]],
+    first: Optimizer,
+    second: Optimizer,
+    warn: Callable[[str], None],
+) -> None:
+    """Give ``second`` (a :class:`~lightning_twophase.ConjugateGradient`) the preconditioner ``choice`` asks for.
+
+    ``choice`` is ``"none"``, ``"second_moments"`` (from ``first``'s state; plain CG and a warning if it keeps
+    none) or a callable returning one positive tensor per parameter from ``first``. Rank 0's diagonal goes to every
+    rank: the same geometry keeps the replicas identical.
+    """
+    if choice == NO_PRECONDITIONER or not isinstance(second, ConjugateGradient):
+        return
+    if callable(choice):
+        diagonal = list(choice(first))
+    else:
+        found = second_moment_preconditioner(first)
+        if found is None:
+            warn(
+                f"ConvexitySwapCallback: {type(first).__name__} has no second moments to precondition the CG phase "
+                "with (it keeps none, or has not stepped yet); it runs plain conjugate gradient "
+                "(preconditioner='none' silences this)."
+            )
+            return
+        diagonal = found
+    broadcast_(diagonal)
+    second.set_preconditioner(diagonal)

@@ -13,16 +13,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
 from lightning_twophase._lightning import scheduler_configs
-from lightning_twophase.detection import SwapDetector
+from lightning_twophase.detection import GradientNormPeakDetector, ProbeDetector, SwapDetector
 from lightning_twophase.objective import TRIAL_BATCHING
 from lightning_twophase.optim import ConjugateGradient
-from lightning_twophase.phases import NO_PRECONDITIONER, SECOND_MOMENTS, PreconditionerFactory
+from lightning_twophase.phases import PreconditionerFactory
+from lightning_twophase.preconditioning import NO_PRECONDITIONER, SECOND_MOMENTS
 
 __all__ = [
     "DEFAULT_CG_OPTIONS",
     "DETECTION_DEFAULTS",
+    "DETECTORS",
     "FULL_BATCH",
     "MINI_BATCH",
+    "PAPER_OPTIONS",
+    "SWAP_BOUNDS",
+    "build_detector",
     "check_arguments",
     "check_fallback_arguments",
     "detection_settings",
@@ -32,6 +37,7 @@ __all__ = [
     "optimizer_problems",
     "refuse",
     "resolve_fractions",
+    "restore_detector",
     "warn_single_batches",
 ]
 
@@ -49,33 +55,45 @@ DEFAULT_CG_OPTIONS: dict[str, Any] = {
     "line_search_tolerance": 0.1,
 }
 
-#: The detection arguments and their defaults: those of the paper's rule, :class:`GradientNormPeakDetector`.
-DETECTION_DEFAULTS: dict[str, Any] = {
-    "factor": 0.9,
-    "smoothing": 0.0,
-    "patience": 1,
-    "min_epochs": 0,
-    "min_steps": 0,
-    "fixed_swap_epoch": None,
-    "max_swap_epoch": None,
-    "require_rise": True,
-}
+#: ``detector`` names: the default, measured rule, and the paper's Algorithm 1.
+DETECTORS = ("probe", "paper")
+
+#: Options of the paper's rule (:class:`GradientNormPeakDetector`) and their defaults: only with ``detector="paper"``.
+PAPER_OPTIONS: dict[str, Any] = {"factor": 0.9, "smoothing": 0.0, "patience": 1, "require_rise": True}
+
+#: Options that bound the swap whatever the rule, with their defaults.
+SWAP_BOUNDS: dict[str, Any] = {"min_epochs": 0, "min_steps": 0, "fixed_swap_epoch": None, "max_swap_epoch": None}
+
+#: Every detection argument of the callback.
+DETECTION_DEFAULTS: dict[str, Any] = {**PAPER_OPTIONS, **SWAP_BOUNDS}
 
 
 def check_arguments(
     detection: dict[str, Any],
-    detector: SwapDetector | None,
+    detector: str | SwapDetector,
     check_every_n_steps: int | None,
     cg_phase: str | int,
     preconditioner: str | PreconditionerFactory,
 ) -> None:
     given = [name for name, value in detection.items() if value is not None]
-    if detector is not None and given:
+    if isinstance(detector, str):
+        if detector not in DETECTORS:
+            raise ValueError(
+                f"ConvexitySwapCallback: `detector` must be one of {DETECTORS} or a detector instance, "
+                f"got {detector!r}."
+            )
+        paper_options = [name for name in given if name in PAPER_OPTIONS]
+        if detector != "paper" and paper_options:
+            raise ValueError(
+                f"ConvexitySwapCallback: {', '.join(paper_options)} configure the paper's rule; pass "
+                "detector='paper' with them (the default, detector='probe', does not use them)."
+            )
+    elif given:
         raise ValueError(
             f"ConvexitySwapCallback: pass the detection arguments ({', '.join(given)}) or `detector`, not both: "
             "a detector instance is used as it is. Set them on the detector instead."
         )
-    if detector is not None and not isinstance(detector, SwapDetector):
+    if not isinstance(detector, str) and not isinstance(detector, SwapDetector):
         raise TypeError(
             f"ConvexitySwapCallback: `detector` must have the methods update(loss, grad_norm, *, epoch, step), "
             f"state_dict() and load_state_dict(state) (see SwapDetector); got {type(detector).__name__}."
@@ -96,9 +114,11 @@ def check_arguments(
 
 
 def check_second_phase_arguments(
-    optimizer_kwargs: dict[str, Any] | None, max_cached_bytes: int, trial_batching: str
+    optimizer_kwargs: dict[str, Any] | None, optimizer_factory: Any, max_cached_bytes: int, trial_batching: str
 ) -> None:
     """The CG options, checked by building a ConjugateGradient with them now rather than at the swap."""
+    if optimizer_kwargs is not None and optimizer_factory is not None:
+        raise ValueError("ConvexitySwapCallback: pass `optimizer_kwargs` or `optimizer_factory`, not both.")
     if trial_batching not in TRIAL_BATCHING:
         raise ValueError(
             f"ConvexitySwapCallback: `trial_batching` must be one of {TRIAL_BATCHING}, got {trial_batching!r}."
@@ -155,13 +175,17 @@ def swap_epoch_problems(fixed_swap_epoch: int | None, fraction: float | None, ma
     return []
 
 
-def check_fallback_arguments(after_failures: int, loss_window: int | None, loss_rtol: float) -> None:
+def check_fallback_arguments(
+    after_failures: int, loss_window: int | None, loss_rtol: float, progress_window: int | None
+) -> None:
     if after_failures < 1:
         raise ValueError("ConvexitySwapCallback: `fallback_after_failures` must be at least 1.")
     if loss_window is not None and loss_window < 1:
         raise ValueError("ConvexitySwapCallback: `fallback_loss_window` must be at least 1 or None.")
     if not (math.isfinite(loss_rtol) and loss_rtol >= 0):
         raise ValueError(f"ConvexitySwapCallback: `fallback_loss_rtol` must be a finite number >= 0, got {loss_rtol}.")
+    if progress_window is not None and progress_window < 2:
+        raise ValueError("ConvexitySwapCallback: `fallback_progress_window` must be at least 2 or None.")
 
 
 def resolve_fractions(detection: dict[str, Any], max_epochs: int | None) -> list[str]:
@@ -210,6 +234,29 @@ def detection_settings(given: dict[str, Any]) -> dict[str, Any]:
     for name in ("fixed_swap_epoch", "max_swap_epoch"):
         detection[name] = epoch_setting(name, detection[name])
     return detection
+
+
+def build_detector(name: str, detection: dict[str, Any]) -> SwapDetector:
+    """The built-in detector ``name`` with the callback's detection arguments (fractions already resolved)."""
+    bounds = {option: detection[option] for option in SWAP_BOUNDS}
+    if name == "paper":
+        return GradientNormPeakDetector(**{option: detection[option] for option in PAPER_OPTIONS}, **bounds)
+    return ProbeDetector(**bounds)
+
+
+def restore_detector(detector: SwapDetector | None, state: dict[str, Any] | None, saved_type: str | None) -> None:
+    """Load a checkpoint's detector state into ``detector``; a checkpoint of another detector is not loaded (said)."""
+    if detector is None or state is None:
+        return
+    if saved_type is None and "peak" in state:
+        saved_type = "GradientNormPeakDetector"  # a checkpoint of version 0.1, whose default it was
+    if saved_type is not None and saved_type != type(detector).__name__:
+        rank_zero_warn(
+            f"ConvexitySwapCallback: the checkpoint's swap detector was a {saved_type}, this run's is a "
+            f"{type(detector).__name__}: it starts afresh from this point."
+        )
+        return
+    detector.load_state_dict(state)
 
 
 def refuse(problems: list[str]) -> None:

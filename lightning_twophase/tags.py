@@ -25,6 +25,7 @@ __all__ = [
     "PHASE",
     "PHASE_VALUES",
     "PREFIX",
+    "PROBE_RATIO",
     "SWAP_EPOCH",
     "SWAP_STEP",
     "SWAP_TEXT",
@@ -53,6 +54,8 @@ COMPUTE = _tag("compute")
 # The paper's detector: the running peak of the norm and the threshold below which it swaps.
 GN_MAX = _tag("gn_max")
 THRESHOLD = _tag("threshold")
+# The probe detector: CG's rate over the first optimizer's at the last probe.
+PROBE_RATIO = _tag("probe_ratio")
 # The swap, once.
 SWAP_EPOCH = _tag("swap_epoch")
 SWAP_STEP = _tag("swap_step")
@@ -77,7 +80,8 @@ PHASE_VALUES = {"first": 0.0, "cg": 1.0, "fallback": 2.0}
 CUSTOM_SCALARS_LAYOUT = {
     "two-phase training": {
         "gradient norm and loss": ["Multiline", [GRAD_NORM, LOSS]],
-        "swap rule: norm, peak and threshold": ["Multiline", [GRAD_NORM, GN_MAX, THRESHOLD]],
+        "paper's rule: norm, peak and threshold": ["Multiline", [GRAD_NORM, GN_MAX, THRESHOLD]],
+        "probes: CG's rate over the first optimizer's": ["Multiline", [PROBE_RATIO]],
         "phase (0 first, 1 CG, 2 fallback)": ["Multiline", [PHASE]],
         "compute (samples forward + 2 x backward)": ["Multiline", [COMPUTE]],
     },

@@ -11,9 +11,11 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, LearningRateMonitor
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, SwapDecision
+from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, ProbeDetector, SwapDecision
 from lightning_twophase._lightning import unsupported_strategy
 from lightning_twophase._macro_batch import _MacroBatchOptimizer as MacroBatchOptimizer
 from tests.conftest import PeakingClassifier, TinyClassifier, trainer_kwargs
@@ -75,7 +77,7 @@ def test_scheduler_factory_gives_the_cg_phase_its_own_scheduler():
 
 
 def test_detection_from_the_curve_swaps_after_the_peak():
-    callback = ConvexitySwapCallback(factor=0.9)
+    callback = ConvexitySwapCallback(detector="paper", factor=0.9)
     fit(PeakingClassifier(), callback, max_epochs=10)
     first_phase = [r["grad_norm"] for r in callback.history if r["phase"] == "first"]
     peak_epoch = first_phase.index(max(first_phase)) + 1
@@ -449,7 +451,7 @@ def test_step_checks_count_the_epoch_that_just_ended(option, fixed, expected_swa
     CountingAdam.steps = 0
     kwargs = {option: fixed}
     if option == "min_epochs":
-        kwargs.update(factor=0.999, require_rise=False)  # a rule that fires at the first check it may
+        kwargs.update(detector="paper", factor=0.999, require_rise=False)  # fires at the first check it may
     callback = ConvexitySwapCallback(check_every_n_steps=8, **kwargs)
     trainer = fit(CountingClassifier(), callback, max_epochs=4)
     assert trainer.num_training_batches == 8
@@ -470,3 +472,70 @@ def test_a_run_whose_every_check_is_non_finite_says_so(caplog):
         lightning_logger.removeHandler(caplog.handler)
     assert "every check had a non-finite loss or gradient norm" in caplog.text
     assert "peak gradient norm 0" not in caplog.text
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The default rule: probes, the swap where CG is measured ahead, the progress guard
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_probes_that_find_cg_behind_leave_training_exactly_as_the_first_optimizer_alone():
+    plain = TinyClassifier()
+    pl.Trainer(**trainer_kwargs(max_epochs=8)).fit(plain)
+    probed = TinyClassifier()
+    detector = ProbeDetector(first_probe_epoch=2, margin=1e9, spacing=(1.25, 1.5))  # never ahead by that margin
+    callback = ConvexitySwapCallback(detector=detector)
+    fit(probed, callback, max_epochs=8)
+    assert callback.swap_epoch is None and callback.phase == "first"
+    assert callback._record.probe_compute > 0  # probes ran (at epochs 3, 5 and 8) and were counted
+    for a, b in zip(plain.parameters(), probed.parameters()):
+        assert torch.equal(a, b)
+
+
+class RealizableRegression(TinyClassifier):
+    """Least squares with an exact solution (the loss can reach 0): a quadratic, where CG is far ahead of Adam."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.inputs = torch.randn(240, 8, generator=generator, dtype=torch.float64)
+        self.targets = self.inputs @ torch.randn(8, 1, generator=generator, dtype=torch.float64)
+        self.net = nn.Linear(8, 1, bias=False).double()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        return nn.functional.mse_loss(self.net(inputs), targets)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.inputs, self.targets), batch_size=32)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        return None
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.inputs[:32], self.targets[:32]), batch_size=32)
+
+
+def test_the_default_rule_swaps_once_a_probe_finds_cg_ahead():
+    callback = ConvexitySwapCallback(detector=ProbeDetector(first_probe_epoch=3))
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=8, precision="64-true"))
+    trainer.fit(RealizableRegression())
+    # A quadratic: the first probe is far ahead of Adam, and the swap follows the probe run over epoch 4.
+    assert callback.swap_epoch == 4 and callback.phase == "cg"
+    assert "CG probe decreased ln(loss)" in callback.swap_reason
+    assert [r["probe_ratio"] > 1 for r in callback.history if "probe_ratio" in r] == [True]
+    at_swap = callback.history[callback.swap_epoch - 1]["loss"]
+    assert callback.history[-1]["loss"] < 1e-3 * at_swap  # four CG iterations
+
+
+def test_the_progress_guard_returns_to_the_first_optimizer_when_cg_is_slower():
+    # CG with a first trial step too short to matter and one trial per search: it barely moves.
+    callback = ConvexitySwapCallback(
+        fixed_swap_epoch=3, optimizer_kwargs={"lr": 1e-12, "max_evals": 1}, fallback_progress_window=3
+    )
+    with pytest.warns(UserWarning, match="slower than the first optimizer's"):
+        trainer = fit(TinyClassifier(), callback, max_epochs=9)
+    assert callback.phase == "fallback" and "over its last 3 checks" in callback.fallback_reason
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam)
+    # The fixed swap is made once: after the fallback the first optimizer trains to the end.
+    assert [r["phase"] for r in callback.history] == ["first"] * 3 + ["cg"] * 3 + ["fallback"] * 3

@@ -121,7 +121,8 @@ class DriftingLogisticRegression(LogisticRegression):
     ],
 )
 def test_only_a_real_rise_of_the_loss_sends_the_cg_phase_back_to_the_first_optimizer(drift, phase):
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, fallback_loss_window=5)
+    # The loss-window rule alone (the progress guard would see the drift first).
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, fallback_loss_window=5, fallback_progress_window=None)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=30, precision="64-true"))
     if phase == "fallback":
         with pytest.warns(UserWarning, match="the training loss rose over 5 CG checks"):

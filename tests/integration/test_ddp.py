@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_twophase import ConvexitySwapCallback
+from lightning_twophase import ConvexitySwapCallback, ProbeDetector
 from tests.conftest import PeakingClassifier, blobs, run_on_ranks, trainer_kwargs
 from tests.integration.test_cg_phase import SpyConjugateGradient, StartWeights, spy_factory
 
@@ -18,7 +19,10 @@ from tests.integration.test_cg_phase import SpyConjugateGradient, StartWeights, 
 def _fit_rank(rank: int, world_size: int, cg_phase: Any, line_search: str) -> dict[str, Any]:
     model = PeakingClassifier()  # the same initial weights on both ranks; DistributedSampler splits the data
     callback = ConvexitySwapCallback(
-        cg_phase=cg_phase, optimizer_kwargs={"line_search": line_search}, preconditioner="second_moments"
+        detector="paper",
+        cg_phase=cg_phase,
+        optimizer_kwargs={"line_search": line_search},
+        preconditioner="second_moments",
     )
     trainer = pl.Trainer(
         callbacks=[callback],
@@ -113,3 +117,34 @@ def test_unequal_shards_give_the_global_sample_weighted_objective_on_every_rank(
         assert record["grad_norm"] == pytest.approx(float(exact), rel=1e-5)
         # A trial evaluation at the start point gives the same global loss.
         assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-5)
+
+
+def _fit_probing_rank(rank: int, world_size: int, margin: float) -> dict[str, Any]:
+    model = UnequalShards()  # shards of different sizes: each rank counts a different compute
+    detector = ProbeDetector(first_probe_epoch=2, probe_iterations=3, window=3, margin=margin, spacing=(1.25, 1.5))
+    callback = ConvexitySwapCallback(detector=detector)
+    trainer = pl.Trainer(
+        callbacks=[callback],
+        **trainer_kwargs(max_epochs=8, strategy="ddp", devices=world_size, use_distributed_sampler=False),
+    )
+    trainer.fit(model)
+    return {
+        "weights": [p.detach().clone() for p in model.parameters()],
+        "history": callback.history,
+        "swap_step": callback.swap_step,
+        "probe_compute": callback._record.probe_compute,
+    }
+
+
+@pytest.mark.parametrize("margin", [1e9, 1e-9], ids=["cg-behind", "cg-ahead"])
+def test_probes_run_on_every_rank_together_and_the_swap_follows_rank_0(margin):
+    rank0, rank1 = run_on_ranks(_fit_probing_rank, margin)
+    assert rank0["probe_compute"] > 0 and rank1["probe_compute"] > 0  # both ranks ran the probes' collectives
+    # Each rank counts compute as world size x its own samples: the ratios agree but for rounding; rank 0 decides.
+    ratios = [[r.get("probe_ratio", math.nan) for r in result["history"]] for result in (rank0, rank1)]
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-6, nan_ok=True)
+    assert any(math.isfinite(ratio) for ratio in ratios[0])
+    assert rank0["swap_step"] == rank1["swap_step"]
+    assert (rank0["swap_step"] is None) == (margin > 1)
+    for a, b in zip(rank0["weights"], rank1["weights"]):
+        assert torch.equal(a, b)

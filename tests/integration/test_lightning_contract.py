@@ -13,11 +13,12 @@ import torch
 
 from lightning_twophase._lightning import (
     TrainerSettings,
-    batch_loss,
     logging_suppressed,
     scheduler_configs,
     set_callback_metric,
     set_optimizers,
+    step_loss,
+    undo_accumulation,
 )
 from tests.conftest import TinyClassifier, trainer_kwargs
 
@@ -176,7 +177,7 @@ class RecordsOutputs(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.pairs.append((float(outputs["loss"]), trainer.accumulate_grad_batches))
-        self.losses.append(float(batch_loss(outputs, trainer)))
+        self.losses.append(float(undo_accumulation(step_loss(outputs), trainer)))
 
 
 class ReturnsKnownLoss(TinyClassifier):
@@ -189,7 +190,7 @@ def test_outputs_loss_is_divided_by_accumulate_grad_batches():
     trainer = pl.Trainer(callbacks=[recorder], **trainer_kwargs(max_epochs=1, accumulate_grad_batches=3))
     trainer.fit(ReturnsKnownLoss())
     assert {loss * accumulate for loss, accumulate in recorder.pairs} == {3.0}
-    assert set(recorder.losses) == {3.0}  # batch_loss undoes the division
+    assert set(recorder.losses) == {3.0}  # undo_accumulation undoes the division
 
 
 def test_precision_plugins_expose_the_context_and_scaler_the_callback_reads():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_twophase import ConvexitySwapCallback
+from lightning_twophase import ConvexitySwapCallback, ProbeDetector
 from lightning_twophase._macro_batch import _MacroBatchOptimizer as MacroBatchOptimizer
 from tests.conftest import PeakingClassifier, trainer_kwargs
 
@@ -19,7 +19,7 @@ MAX_EPOCHS = 10
 def run(directory: Path, ckpt_path: str | None = None, **callback_kwargs) -> tuple[PeakingClassifier, pl.Trainer]:
     model = PeakingClassifier()
     # Preconditioned, so that resume after the swap must also bring the diagonal back with the optimizer state.
-    callback = ConvexitySwapCallback(preconditioner="second_moments", **callback_kwargs)
+    callback = ConvexitySwapCallback(detector="paper", preconditioner="second_moments", **callback_kwargs)
     checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
         callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=MAX_EPOCHS, enable_checkpointing=True)
@@ -128,7 +128,8 @@ def test_a_mid_epoch_checkpoint_carries_the_sums_of_the_checks_first_batches(tmp
     saved = torch.load(tmp_path / "epoch=3-step=28.ckpt", weights_only=False)
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
     loss_sum, loss_batches, norm_sum, norm_steps = state["pending"]
-    assert (loss_batches, norm_steps) == (4, 4) and loss_sum > 0 and norm_sum > 0
+    # The default detector measures the norm on the first step of a check and every eighth after.
+    assert (loss_batches, norm_steps) == (4, 1) and loss_sum > 0 and norm_sum > 0
     assert len(state["record"]["history"]) == 3  # the checks of epochs 0 to 2
 
 
@@ -185,3 +186,24 @@ def test_resuming_a_cg_phase_checkpoint_without_the_callback_names_it(uninterrup
     # names the missing callback before the optimizer state fails to load.
     with pytest.warns(UserWarning, match="ConvexitySwapCallback"), pytest.raises(KeyError):
         resume(cg_checkpoint(uninterrupted), None, tmp_path)
+
+
+def run_probing(directory: Path, ckpt_path: str | None = None) -> tuple[PeakingClassifier, ConvexitySwapCallback]:
+    model = PeakingClassifier()
+    # Any progress of CG's is ahead: the swap follows the first probe, asked for after epoch 3 (three checks are
+    # needed for a rate) and run over epoch 4.
+    callback = ConvexitySwapCallback(detector=ProbeDetector(first_probe_epoch=2, probe_iterations=3, margin=1e-9))
+    checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=6, enable_checkpointing=True))
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return model, callback
+
+
+def test_a_probe_asked_for_before_a_checkpoint_runs_after_resume(tmp_path):
+    reference_model, reference = run_probing(tmp_path / "uninterrupted")
+    assert reference.swap_epoch == 4
+    # Written after epoch 3, whose check asked for the probe over epoch 4.
+    model, resumed = run_probing(tmp_path / "resumed", ckpt_path=str(tmp_path / "uninterrupted" / "epoch=2.ckpt"))
+    assert (resumed.swap_epoch, resumed.swap_reason) == (reference.swap_epoch, reference.swap_reason)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)

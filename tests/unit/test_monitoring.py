@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 
-from lightning_twophase.monitoring import norm_vs_loss_figure, render_rgb, write_history_csv
+from lightning_twophase.detection import GradientNormPeakDetector, ProbeDetector
+from lightning_twophase.monitoring import no_swap_message, norm_vs_loss_figure, render_rgb, write_history_csv
 
 
 def test_figure_marks_peak_and_swap_with_the_loss_decreasing_to_the_right():
@@ -33,3 +34,16 @@ def test_history_csv_takes_the_columns_of_every_check(tmp_path):
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["epoch", "loss", "grad_norm", "gn_max", "phase"]
     assert rows[1]["gn_max"] == "" and rows[1]["phase"] == "cg"
+
+
+def test_the_closing_line_without_a_swap_says_what_the_detector_last_measured():
+    history = [{"loss": 0.5, "grad_norm": 1.0}]
+    probing = ProbeDetector()
+    assert no_swap_message(history, 300, probing) == "ConvexitySwapCallback: no swap point was found in 300 epochs."
+    probing.last_ratio = 0.25
+    assert "the last probe measured conjugate gradient at 0.25 x the first optimizer's rate" in no_swap_message(
+        history, 300, probing
+    )
+    paper = GradientNormPeakDetector()
+    paper.update(0.5, 2.0, epoch=1, step=1)
+    assert "(peak gradient norm 2)" in no_swap_message(history, 300, paper)

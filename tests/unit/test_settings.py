@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lightning_twophase import ConvexitySwapCallback, GradientNormPeakDetector
+from lightning_twophase import ConvexitySwapCallback, GradientNormPeakDetector, ProbeDetector
 
 
 @pytest.mark.parametrize(
@@ -41,11 +41,20 @@ def test_a_detector_without_the_protocols_methods_is_refused():
 
 
 def test_the_detection_arguments_configure_the_papers_rule():
-    callback = ConvexitySwapCallback(factor=0.8, smoothing=0.5, patience=2, fixed_swap_epoch=30.0)
+    callback = ConvexitySwapCallback(detector="paper", factor=0.8, smoothing=0.5, patience=2, fixed_swap_epoch=30.0)
     detector = callback.detector
     assert isinstance(detector, GradientNormPeakDetector)
     assert (detector.factor, detector.smoothing, detector.patience, detector.fixed_swap_epoch) == (0.8, 0.5, 2, 30)
     assert ConvexitySwapCallback(fixed_swap_epoch=0.3).detector is None  # a fraction: built at setup
+
+
+def test_the_default_detector_is_the_probe_and_the_papers_options_need_the_papers_rule():
+    assert isinstance(ConvexitySwapCallback().detector, ProbeDetector)
+    assert ConvexitySwapCallback(fixed_swap_epoch=5).detector.fixed_swap_epoch == 5
+    with pytest.raises(ValueError, match="configure the paper's rule; pass detector='paper'"):
+        ConvexitySwapCallback(factor=0.8)
+    with pytest.raises(ValueError, match="`detector` must be one of"):
+        ConvexitySwapCallback(detector="peak")
 
 
 @pytest.mark.parametrize(
