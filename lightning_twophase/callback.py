@@ -278,14 +278,14 @@ class ConvexitySwapCallback(Callback):
             self._leave_phase(trainer, pl_module, decision, epoch=trainer.current_epoch)
         # The epoch's check comes with its last batch: before validation and the checkpoints it may trigger.
         last = is_last_batch(trainer)
-        epochs_done, step = trainer.current_epoch + int(last), trainer.global_step
         if self.check_every_n_steps is None:
             if last:
-                self._check(trainer, pl_module, epochs_done, at_epoch_end=True)
-        elif step % self.check_every_n_steps == 0 and step != self._last_check:
-            # global_step only moves when the optimizer steps: under accumulation several batches share a step.
+                self._check(trainer, pl_module, trainer.current_epoch + 1, at_epoch_end=True)
+            return
+        step = trainer.global_step  # it only moves when the optimizer steps: with accumulation, batches share one
+        if step % self.check_every_n_steps == 0 and step != self._last_check:
             self._last_check = step
-            self._check(trainer, pl_module, epochs_done, at_epoch_end=last)
+            self._check(trainer, pl_module, trainer.current_epoch + int(last), at_epoch_end=last)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
