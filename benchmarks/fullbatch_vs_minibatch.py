@@ -87,12 +87,16 @@ class Result:
     train_loss_correct: float
 
 
-def quiet_trainer(max_epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    """A CPU Trainer without logging, checkpoints or progress bar (nothing but the training itself is timed)."""
+def quiet_trainer(
+    max_epochs: int, callbacks: list[pl.Callback], device: str = "cpu", profiler: Any = None
+) -> pl.Trainer:
+    """A one-device Trainer without logging, checkpoints or progress bar (nothing but the training itself is timed)."""
     return pl.Trainer(
-        accelerator="cpu",
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
         max_epochs=max_epochs,
         callbacks=callbacks,
+        profiler=profiler,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

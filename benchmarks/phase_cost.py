@@ -33,7 +33,7 @@ import torch
 from lightning.pytorch.profilers import SimpleProfiler
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fullbatch_vs_minibatch import load_mnist
+from fullbatch_vs_minibatch import load_mnist, quiet_trainer
 
 from example_modules.classifier import ImageClassifier
 from example_modules.data import DeviceTensorLoader
@@ -62,21 +62,6 @@ class EpochTimes(pl.Callback):
         self.seconds.append(time.perf_counter() - self._began)
 
 
-def trainer(device: str, epochs: int, callbacks: list[pl.Callback], profiler: Any = None) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
-        devices=1,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        profiler=profiler,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
 def model_for(name: str) -> pl.LightningModule:
     torch.manual_seed(0)
     return ImageClassifier(model=name, num_classes=10, image_size=28, in_channels=1, loss="mse", lr=1e-3)
@@ -99,7 +84,7 @@ def hook_time_per_step(name: str, train: Any, device: str, epochs: int, detector
     """Microseconds of the callback's hooks per training step, the steps, and the model's parameter tensors."""
     profiler = SimpleProfiler()
     model = model_for(name)
-    fit = trainer(device, epochs, [ConvexitySwapCallback(detector=detector, log_figures=False)], profiler)
+    fit = quiet_trainer(epochs, [ConvexitySwapCallback(detector=detector, log_figures=False)], device, profiler)
     fit.fit(model, train_dataloaders=loader(train))
     # The hooks the callback runs during training (the checks included); the profiler also times every hook the
     # callback does not override (a few microseconds each of its own overhead, as for an empty callback), and the
@@ -122,7 +107,7 @@ def steps_per_second(name: str, train: Any, device: str, epochs: int, pairs: int
                 if callbacks is not None
                 else [ConvexitySwapCallback(detector=ProbeDetector(first_probe_epoch=NO_PROBES), log_figures=False)]
             )
-            fit = trainer(device, epochs, callbacks)
+            fit = quiet_trainer(epochs, callbacks, device)
             began = time.perf_counter()
             fit.fit(model_for(name), train_dataloaders=loader(train))
             if device == "cuda":
@@ -135,7 +120,7 @@ def cg_phase(name: str, train: Any, device: str, adam_epochs: int, cg_epochs: in
     """Adam, then CG: passes per CG epoch (median, mean) and the median CG epoch over the median Adam epoch."""
     times = EpochTimes()
     callback = ConvexitySwapCallback(fixed_swap_epoch=adam_epochs, fallback_progress_window=None, log_figures=False)
-    fit = trainer(device, adam_epochs + cg_epochs, [callback, times])
+    fit = quiet_trainer(adam_epochs + cg_epochs, [callback, times], device)
     fit.fit(model_for(name), train_dataloaders=loader(train))
     samples = len(train[1])
     history = callback.history

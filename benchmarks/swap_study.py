@@ -35,7 +35,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fullbatch_vs_minibatch import TanhMLP, evaluate_per_image, load_mnist
+from fullbatch_vs_minibatch import TanhMLP, evaluate_per_image, load_mnist, quiet_trainer
 
 from example_modules.classifier import ImageClassifier
 from example_modules.data import DeviceTensorLoader, DigitsDataModule
@@ -125,17 +125,7 @@ def run(case: Case, schedule: str, train: Data, val: Data, device: torch.device,
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.0)
         model.configure_optimizers = lambda: {"optimizer": optimizer, "lr_scheduler": cosine}  # type: ignore[method-assign]
     callback = callback_for(schedule)
-    trainer = pl.Trainer(
-        accelerator="gpu" if device.type == "cuda" else "cpu",
-        devices=1,
-        max_epochs=epochs,
-        callbacks=[] if callback is None else [callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(epochs, [] if callback is None else [callback], device.type)
     loader = DeviceTensorLoader(*train, batch_size=512, shuffle=True, seed=case.seed)
     began = time.perf_counter()
     trainer.fit(model, train_dataloaders=loader)

@@ -170,11 +170,7 @@ class GradientNormPeakDetector:
             raise ValueError(f"GradientNormPeakDetector: `smoothing` must lie in [0, 1), got {smoothing}.")
         if patience < 1:
             raise ValueError(f"GradientNormPeakDetector: `patience` must be at least 1, got {patience}.")
-        if min_epochs < 0 or min_steps < 0:
-            raise ValueError("GradientNormPeakDetector: `min_epochs` and `min_steps` must not be negative.")
-        for name, value in (("fixed_swap_epoch", fixed_swap_epoch), ("max_swap_epoch", max_swap_epoch)):
-            if value is not None and value < 0:
-                raise ValueError(f"GradientNormPeakDetector: `{name}` must not be negative, got {value}.")
+        _check_swap_bounds("GradientNormPeakDetector", min_epochs, min_steps, fixed_swap_epoch, max_swap_epoch)
         self.factor = factor
         self.smoothing = smoothing
         self.patience = patience
@@ -357,9 +353,7 @@ class ProbeDetector:
             raise ValueError(
                 f"ProbeDetector: need margin > 0 and 1 < spacing[0] <= spacing[1], got {margin}, {spacing}."
             )
-        for name, value in (("fixed_swap_epoch", fixed_swap_epoch), ("max_swap_epoch", max_swap_epoch)):
-            if value is not None and value < 0:
-                raise ValueError(f"ProbeDetector: `{name}` must not be negative, got {value}.")
+        _check_swap_bounds("ProbeDetector", min_epochs, min_steps, fixed_swap_epoch, max_swap_epoch)
         self.first_probe_epoch = first_probe_epoch
         self.probe_iterations = probe_iterations
         self.window = window
@@ -489,3 +483,14 @@ class ProbeDetector:
         self.last_ratio = state["last_ratio"]
         self.fired = None if state["fired"] is None else SwapDecision(True, **state["fired"])
         self.retired = state["retired"]
+
+
+def _check_swap_bounds(
+    owner: str, min_epochs: int, min_steps: int, fixed_swap_epoch: int | None, max_swap_epoch: int | None
+) -> None:
+    """The epoch and step bounds every built-in detector takes: none may be negative."""
+    if min_epochs < 0 or min_steps < 0:
+        raise ValueError(f"{owner}: `min_epochs` and `min_steps` must not be negative.")
+    for name, value in (("fixed_swap_epoch", fixed_swap_epoch), ("max_swap_epoch", max_swap_epoch)):
+        if value is not None and value < 0:
+            raise ValueError(f"{owner}: `{name}` must not be negative, got {value}.")
