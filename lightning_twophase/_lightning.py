@@ -9,13 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from types import MethodType
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.core.optimizer import _configure_schedulers_automatic_opt
-from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 from lightning.pytorch.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from torch import Tensor
@@ -24,6 +25,7 @@ from torch.optim import Optimizer
 __all__ = [
     "TrainerSettings",
     "backward_sync_blocked",
+    "grad_scaler",
     "is_last_batch",
     "logging_suppressed",
     "scheduler_configs",
@@ -34,7 +36,6 @@ __all__ = [
     "undo_accumulation",
     "unsupported_settings",
     "unsupported_strategy",
-    "uses_grad_scaler",
 ]
 
 # Strategies that run the automatic optimization loop with a closure on replicated parameters. Subclasses that step
@@ -67,10 +68,30 @@ def unsupported_strategy(strategy: Strategy) -> str | None:
     return f"{name} is not one of the supported strategies (single device, DDP and its variants)"
 
 
-def uses_grad_scaler(trainer: pl.Trainer) -> bool:
-    """Whether the precision plugin scales the loss (16-mixed on a GPU); torch refuses closures then."""
+def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The GradScaler with which the precision plugin scales the loss (``precision="16-mixed"`` on a GPU, or a
+    ``MixedPrecision`` plugin given one), or ``None`` if the loss is not scaled (a disabled scaler does not scale)."""
     plugin = trainer.precision_plugin
-    return isinstance(plugin, MixedPrecision) and plugin.scaler is not None
+    scaler = plugin.scaler if isinstance(plugin, MixedPrecision) else None
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def set_closure_steps(trainer: pl.Trainer, enabled: bool) -> None:
+    """Under a GradScaler, make the precision plugin hand the training loop's closure to the optimizer's ``step``
+    (``enabled``), or step as Lightning does (not ``enabled``); without a scaler it does the former anyway.
+
+    With a scaler, ``MixedPrecision.optimizer_step`` runs the closure itself, unscales, and calls
+    ``scaler.step(optimizer)`` without the closure (torch refuses closures there) and ``scaler.update()``. The CG
+    phase needs the closure inside its own step, and unscales and updates the scaler itself (``_scaling.py``). The
+    plugin's base-class step is the one it uses without a scaler; shadowing the bound method on the instance (as
+    :func:`logging_suppressed` does for ``self.log``) changes nothing else: ``pre_backward`` still scales the loss,
+    and the scaler's state is still the plugin's checkpoint state.
+    """
+    plugin = trainer.precision_plugin
+    if enabled and grad_scaler(trainer) is not None:
+        plugin.optimizer_step = MethodType(Precision.optimizer_step, plugin)  # type: ignore[method-assign]
+    else:
+        plugin.__dict__.pop("optimizer_step", None)
 
 
 @contextmanager
@@ -164,10 +185,14 @@ def unsupported_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
     reason = unsupported_strategy(trainer.strategy)
     if reason is not None:
         problems.append(f"the strategy is not supported: {reason}; use a single device or strategy='ddp'")
-    if uses_grad_scaler(trainer):
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, HalfPrecision):
+        dtype = "bfloat16" if plugin.precision == "bf16-true" else "float16"
         problems.append(
-            "precision='16-mixed' scales the loss with a GradScaler, which refuses the closures a line search "
-            "needs; use precision='bf16-mixed' or '32-true'"
+            f"precision={plugin.precision!r} keeps the weights in {dtype}, so the CG phase's gradient sums and "
+            f"search direction would be {dtype} too, and its line search would compare losses computed in {dtype} "
+            "(a few significant digits) at trial points rounded to the weights' precision; use precision="
+            "'bf16-mixed' or '16-mixed' (float32 weights, half-precision compute)"
         )
     if any(isinstance(cb, GradientAccumulationScheduler) for cb in trainer.callbacks):  # type: ignore[attr-defined]
         problems.append(
@@ -181,23 +206,39 @@ def unsupported_settings(trainer: pl.Trainer, pl_module: pl.LightningModule) -> 
 class TrainerSettings:
     """The Trainer settings the CG phase changes: ``capture`` them before the swap, ``apply`` them to install a phase.
 
-    The training loop reads all four afresh at every step, so setting them between two steps changes how the next one
-    is taken: which optimizer and schedulers step, whether gradients are clipped, how many batches are accumulated.
+    The training loop reads them afresh at every step, so setting them between two steps changes how the next one is
+    taken: which optimizer and schedulers step, whether gradients are clipped, how many batches are accumulated, and,
+    under a GradScaler, whether the optimizer gets the loop's closure. The scaler's state (its scale and growth
+    tracker) is captured with the first phase's settings and put back with them.
+
+    Attributes:
+        optimizers: the optimizers the loop steps.
+        lr_scheduler_configs: the learning-rate schedulers it steps.
+        gradient_clip_val: the clipping value.
+        accumulate_grad_batches: batches per optimizer step.
+        scaler_state: the GradScaler's state to put back (``None``: leave the scaler as it is).
+        closure_steps: under a GradScaler, hand the loop's closure to the optimizer (see :func:`set_closure_steps`).
+
     """
 
     optimizers: list[Optimizer]
     lr_scheduler_configs: list[LRSchedulerConfig]
     gradient_clip_val: float | int | None
     accumulate_grad_batches: int
+    scaler_state: dict[str, Any] | None = None
+    closure_steps: bool = False
 
     @classmethod
     def capture(cls, trainer: pl.Trainer) -> TrainerSettings:
         """The settings the Trainer trains with now."""
+        scaler = grad_scaler(trainer)
         return cls(
             list(trainer.optimizers),
             list(trainer.strategy.lr_scheduler_configs),
             trainer.gradient_clip_val,
             trainer.accumulate_grad_batches,
+            scaler.state_dict() if scaler is not None else None,
+            "optimizer_step" in vars(trainer.precision_plugin),
         )
 
     def apply(self, trainer: pl.Trainer) -> None:
@@ -206,3 +247,7 @@ class TrainerSettings:
         set_scheduler_configs(trainer, self.lr_scheduler_configs)
         trainer.gradient_clip_val = self.gradient_clip_val
         trainer.accumulate_grad_batches = self.accumulate_grad_batches
+        scaler = grad_scaler(trainer)
+        if scaler is not None and self.scaler_state is not None:
+            scaler.load_state_dict(self.scaler_state)
+        set_closure_steps(trainer, self.closure_steps)

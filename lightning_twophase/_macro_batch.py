@@ -8,6 +8,10 @@ batch of the macro-batch (``batches_per_step`` batches, or the rest of the epoch
 and the wrapped optimizer takes one step on :class:`~lightning_twophase.objective.TrainingObjective`: its start point
 is known from the accumulated pass, and its line search evaluates trial points on the kept batches. Each such step
 hands one :class:`MacroBatchStep` to the CG phase.
+
+Under loss scaling (16-mixed with a GradScaler) the loop's passes give scaled gradients: their sums are unscaled once
+added up across ranks, and if they overflowed the start point's gradient is evaluated again at a lowered scale by the
+objective instead (:mod:`lightning_twophase._scaling`). No batch of the macro-batch is left out.
 """
 
 from __future__ import annotations
@@ -167,7 +171,10 @@ class _MacroBatchOptimizer(Optimizer):
         forward_before, backward_before = self.objective.forward_samples, self.objective.backward_samples
         loop_samples = self._loop_samples
         non_finite_batches = [index for index, finite in self._finite if not bool(finite)]
-        self.objective.set_start(start_loss)
+        # Under loss scaling, an overflow of the loop's scaled gradients leaves the start unknown: the optimizer's
+        # first closure call evaluates it again at the lowered scale.
+        if not self.objective.unscale_gradient(start_loss):
+            self.objective.set_start(start_loss)
         non_finite = None
         try:
             with self.objective.side_effects_suspended():

@@ -112,7 +112,7 @@ class ConvexitySwapCallback(Callback):
         ValueError: at construction, for settings out of range.
         MisconfigurationException: at ``setup``/``on_fit_start``, before any training, for settings the CG phase
             cannot serve: manual optimization, several optimizers, unsupported strategies (DeepSpeed, FSDP, XLA),
-            16-bit mixed precision with a gradient scaler, a ``GradientAccumulationScheduler``.
+            half-precision weights (``precision="16-true"`` or ``"bf16-true"``), a ``GradientAccumulationScheduler``.
 
     """
 

@@ -13,7 +13,9 @@ states are restored afterwards, and so are the module's plain attributes (a list
 state it carries from one step to the next): each trial evaluation of a batch starts from the attributes the training
 loop's pass of that batch saw. :func:`is_trial_evaluation` tells user code which evaluation it is in. DDP's gradient
 hooks are not involved (gradients come from ``torch.autograd.grad``), and under data parallelism the objective and its
-gradient are the mean over every sample of every rank, whatever the shard sizes.
+gradient are the mean over every sample of every rank, whatever the shard sizes. Under ``precision="16-mixed"`` with a
+GradScaler the gradient comes from the scaled loss and is unscaled once added up across ranks; an overflow lowers the
+scale and evaluates it again (see :mod:`lightning_twophase._scaling`).
 
 :class:`TrainingObjective` itself knows nothing of Lightning: it evaluates a loss function of ``(batch, batch_idx)``.
 :func:`lightning_objective` builds it for a Trainer and a LightningModule.
@@ -37,7 +39,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 
-from lightning_twophase._lightning import logging_suppressed
+from lightning_twophase._lightning import grad_scaler, logging_suppressed
+from lightning_twophase._scaling import LossScaling
 from lightning_twophase.optim.distributed import all_reduce_sum_, is_distributed, reduce_decision_scalars
 
 __all__ = [
@@ -155,6 +158,7 @@ class TrainingObjective:
             same value to ``1e-6`` (they do not with batch-norm in training mode, losses that are not sample means,
             or randomness per batch).
         inform: told which batching ``"auto"`` chose, and why.
+        scaling: the loss scaling of gradient evaluations (16-mixed with a GradScaler); ``None``: none.
 
     """
 
@@ -172,6 +176,7 @@ class TrainingObjective:
         quiet: Callable[[], AbstractContextManager[Any]] = nullcontext,
         trial_batching: str = "batches",
         inform: Callable[[str], None] = lambda message: None,
+        scaling: LossScaling | None = None,
     ) -> None:
         if trial_batching not in TRIAL_BATCHING:
             raise ValueError(f"`trial_batching` must be one of {TRIAL_BATCHING}, got {trial_batching!r}.")
@@ -186,6 +191,7 @@ class TrainingObjective:
         self.quiet = quiet
         self.trial_batching = trial_batching
         self.inform = inform
+        self.scaling = scaling
         self.iteration = 0
         # (batch, batch_idx, size, on_device, the module's attributes before the loop's pass of the batch)
         self._batches: list[tuple[Any, int, int, bool, ModuleState | None]] = []
@@ -315,7 +321,17 @@ class TrainingObjective:
                 yield self._loss_on(position)
 
     def value_and_gradient(self) -> Tensor:
-        """The mean loss, with its gradient written to ``p.grad``: means over every sample of every rank."""
+        """The mean loss, with its gradient written to ``p.grad``: means over every sample of every rank.
+
+        Under loss scaling the gradient is that of the scaled loss, unscaled; after an overflow the scale is lower and
+        the gradient is evaluated again.
+        """
+        loss = self._value_and_gradient()
+        while self.scaling is not None and self.unscale_gradient(float(loss)):
+            loss = self._value_and_gradient()
+        return loss
+
+    def _value_and_gradient(self) -> Tensor:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -323,21 +339,34 @@ class TrainingObjective:
                 p.grad.zero_()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
+        scaling = self.scaling
         for position in range(len(self._batches)):
             with torch.enable_grad():
                 loss, size = self._loss_on(position)
                 if loss is None:
                     continue
                 # autograd.grad leaves DDP's reducer out of it; the ranks are added up below.
-                grads = torch.autograd.grad(loss * size, self.params, allow_unused=True)
+                outputs = loss * size if scaling is None else scaling.scale(loss)
+                grads = torch.autograd.grad(outputs, self.params, allow_unused=True)
             for p, grad in zip(self.params, grads):
-                if grad is not None:
+                if grad is None:
+                    continue
+                if scaling is None:
                     p.grad.add_(grad)
+                else:
+                    p.grad.add_(grad, alpha=size)  # the batch's loss was scaled as the loop scales it, then weighted
             total += loss.detach().double() * size
             count += size
         self.forward_samples += count
         self.backward_samples += count
         return self.global_mean_(total, count, [p.grad for p in self.params])
+
+    def unscale_gradient(self, loss: float) -> bool:
+        """Under loss scaling, unscale the mean scaled gradient in ``p.grad`` (identical on every rank, as ``loss``);
+        whether it overflowed and is to be evaluated again at the lowered scale. Without loss scaling: ``False``."""
+        if self.scaling is None:
+            return False
+        return self.scaling.unscale_(self.params, loss) and self.scaling.can_back_off
 
     def global_mean_(self, total: Tensor, count: int, grad_sums: list[Tensor]) -> Tensor:
         """The mean loss over every sample of every rank, from this rank's sum ``total`` over ``count`` samples; the
@@ -401,6 +430,8 @@ def lightning_objective(
         with trainer.precision_plugin.train_step_context():
             return training_step_loss(pl_module.training_step(*args))
 
+    scaler = grad_scaler(trainer)
+
     return TrainingObjective(
         loss_fn,
         params,
@@ -413,6 +444,7 @@ def lightning_objective(
         quiet=lambda: logging_suppressed(pl_module),
         trial_batching=trial_batching,
         inform=rank_zero_info,
+        scaling=LossScaling(scaler) if scaler is not None else None,
     )
 
 

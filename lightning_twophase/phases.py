@@ -32,9 +32,11 @@ from lightning_twophase import monitoring, tags
 from lightning_twophase._lightning import (
     TrainerSettings,
     backward_sync_blocked,
+    grad_scaler,
     is_last_batch,
     scheduler_configs,
     set_callback_metric,
+    set_closure_steps,
     step_loss,
     undo_accumulation,
 )
@@ -293,7 +295,14 @@ class FirstPhase(Phase):
         loss = torch.stack([value.to(self._losses[-1].device, torch.float32) for value in self._losses]).mean()
         loss = undo_accumulation(loss, trainer)
         norms = [value.to(loss.device, torch.float32) for value in self._norms]  # restored sums live on the CPU
-        norm = torch.stack(norms).mean() if norms else torch.full_like(loss, math.nan)
+        if not norms:
+            norm = torch.full_like(loss, math.nan)
+        elif grad_scaler(trainer) is not None:
+            # The GradScaler skipped the steps whose gradient overflowed: their norms are not the training's.
+            stacked = torch.stack(norms)
+            norm = torch.where(torch.isfinite(stacked), stacked, math.nan).nanmean()
+        else:
+            norm = torch.stack(norms).mean()
         self._reset()
         reduced = trainer.strategy.reduce(torch.stack([loss, norm.to(loss.device)]), reduce_op="mean")
         mean_loss, mean_norm = (float(v) for v in reduced.tolist())  # the one host synchronisation per check
@@ -407,6 +416,7 @@ class CGPhase(Phase):
         self.config = config
         self.record = record
         self.successor = successor
+        self._trainer = trainer
         self._current: tuple[Any, int, bool] = (None, 0, False)
         # Steps happen inside Lightning's optimizer step, where changing optimizers is unsafe: their results wait
         # here for `on_train_batch_end`.
@@ -424,6 +434,9 @@ class CGPhase(Phase):
             first_optimizer.load_state_dict(first_state["optimizer"])
             for scheduler_config, state in zip(first.lr_scheduler_configs, first_state["schedulers"]):
                 scheduler_config.scheduler.load_state_dict(state)
+            if first_state.get("scaler") is not None:
+                # The GradScaler's state at the swap (the Trainer restores the CG phase's own after this).
+                self.first = replace(self.first, scaler_state=first_state["scaler"])
         else:
             # On resume the preconditioner comes back with the optimizer state instead.
             apply_preconditioner(config.preconditioner, first_optimizer, self.optimizer, rank_zero_warn)
@@ -469,7 +482,8 @@ class CGPhase(Phase):
             if self.config.scheduler_factory is None
             else scheduler_configs(self.config.scheduler_factory(self.adapter))
         )
-        TrainerSettings([self.adapter], schedulers, None, 1).apply(trainer)
+        # Under a GradScaler the adapter gets the loop's closure and scales with the same scaler (_scaling.py).
+        TrainerSettings([self.adapter], schedulers, None, 1, closure_steps=True).apply(trainer)
         if announce and self.config.warn_single_batches and trainer.num_training_batches > 1:
             rank_zero_warn(
                 f"ConvexitySwapCallback: the CG phase steps on single mini-batches of a training set of "
@@ -581,6 +595,7 @@ class CGPhase(Phase):
 
     def close(self) -> None:
         self.adapter.discard()
+        set_closure_steps(self._trainer, False)  # training is over: the plugin steps as Lightning does
 
     def state_dict(self) -> dict[str, Any]:
         # The first optimizer's state is kept for the fallback, so that it resumes where the first phase stopped.
@@ -589,6 +604,7 @@ class CGPhase(Phase):
             first_state = {
                 "optimizer": self.first.optimizers[0].state_dict(),
                 "schedulers": [config.scheduler.state_dict() for config in self.first.lr_scheduler_configs],
+                "scaler": self.first.scaler_state,
             }
         trial_batching = self.adapter.objective.trial_batching  # "auto" decided once, not again on resume
         return {

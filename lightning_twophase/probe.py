@@ -92,6 +92,7 @@ class CGProbe:
         accepts_value_closure = "value_closure" in inspect.signature(optimizer.step).parameters
         weights = [p.detach().clone() for p in params]
         grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        scaler_state = objective.scaling.state_dict() if objective.scaling is not None else None
         start_loss = math.nan
         losses: list[float] = []
         computes: list[float] = []
@@ -113,6 +114,8 @@ class CGProbe:
             torch._foreach_copy_([p.data for p in params], weights)
             for p, grad in zip(params, grads):
                 p.grad = grad
+            if scaler_state is not None:  # the GradScaler's scale too: training goes on as if there was no probe
+                objective.scaling.load_state_dict(scaler_state)  # type: ignore[union-attr]
             objective.clear()
         compute = float(trainer.world_size * (objective.forward_samples + 2 * objective.backward_samples))
         if not computes or computes[-1] != compute:  # an iteration that raised still cost its compute

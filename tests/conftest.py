@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -105,6 +107,18 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+#: The CPU has a GradScaler from torch 2.3 (``torch.amp.GradScaler("cpu")``); CI also tests an older floor.
+needs_cpu_grad_scaler = pytest.mark.skipif(
+    not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch 2.3 or newer"
+)
+
+
+def scaler_plugin(init_scale: float = 2.0**16) -> MixedPrecision:
+    """``precision="16-mixed"`` with a GradScaler on the CPU: the set-up Lightning builds for it on a GPU (on the CPU
+    Lightning's own 16-mixed is bfloat16 without a scaler). Its scaler is ``plugin.scaler``."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
 
 
 class PeakingClassifier(TinyClassifier):

@@ -10,7 +10,6 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import GradientAccumulationScheduler, LearningRateMonitor
-from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -158,13 +157,6 @@ def test_fraction_of_max_epochs():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def cpu_grad_scaler() -> Any:
-    """A GradScaler on the CPU (``torch.amp.GradScaler`` from torch 2.3, the CUDA one disabled before)."""
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler("cpu")
-    return torch.cuda.amp.GradScaler(enabled=False)
-
-
 class ManualModule(TinyClassifier):
     def __init__(self) -> None:
         super().__init__()
@@ -198,11 +190,8 @@ class NoOptimizer(TinyClassifier):
         (TwoOptimizers(), {}, "manual optimization"),
         (TinyClassifier(), {"callbacks_extra": [GradientAccumulationScheduler({0: 2})]}, "GradientAccumulation"),
         (TinyClassifier(), {"max_epochs": -1, "max_steps": 100, "fixed": 0.3}, "no max_epochs"),
-        (
-            TinyClassifier(),
-            {"plugins": [MixedPrecision("16-mixed", "cpu", cpu_grad_scaler())]},
-            "16-mixed",
-        ),
+        (TinyClassifier(), {"precision": "bf16-true"}, "precision='bf16-true' keeps the weights in bfloat16, so"),
+        (TinyClassifier(), {"precision": "16-true"}, "precision='16-true' keeps the weights in float16, so"),
     ],
 )
 def test_refusals_are_clear_and_come_before_training(model, overrides, match):

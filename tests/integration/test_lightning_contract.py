@@ -13,14 +13,16 @@ import torch
 
 from lightning_twophase._lightning import (
     TrainerSettings,
+    grad_scaler,
     logging_suppressed,
     scheduler_configs,
     set_callback_metric,
+    set_closure_steps,
     set_optimizers,
     step_loss,
     undo_accumulation,
 )
-from tests.conftest import TinyClassifier, trainer_kwargs
+from tests.conftest import TinyClassifier, needs_cpu_grad_scaler, scaler_plugin, trainer_kwargs
 
 
 def test_the_optimizers_setter_rewraps_what_the_training_loop_steps():
@@ -198,3 +200,64 @@ def test_precision_plugins_expose_the_context_and_scaler_the_callback_reads():
 
     assert callable(Precision().train_step_context)
     assert MixedPrecision("bf16-mixed", "cpu").scaler is None
+
+
+class SpySGD(torch.optim.SGD):
+    """Records how the precision plugin steps it: with a closure or not, and the gradient the closure left."""
+
+    calls: ClassVar[list[tuple[bool, list[torch.Tensor] | None]]] = []
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        grads = None
+        if closure is not None:
+            closure()
+            grads = [p.grad.clone() for group in self.param_groups for p in group["params"]]
+        SpySGD.calls.append((closure is not None, grads))
+        return None  # the weights stay: the next batch's gradient is at the same point
+
+
+class SpyModule(TinyClassifier):
+    def configure_optimizers(self) -> Any:
+        return SpySGD(self.parameters(), lr=0.1)
+
+
+class ClosureSteps(pl.Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_closure_steps(trainer, True)
+
+
+@needs_cpu_grad_scaler
+def test_with_a_grad_scaler_closure_steps_hand_the_closure_over_and_backward_still_scales_the_loss():
+    # Lightning's own 16-mixed step with a scaler runs the closure itself and steps without it (torch refuses one).
+    SpySGD.calls = []
+    plugin = scaler_plugin(init_scale=2.0**10)
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=1, limit_train_batches=1, plugins=[plugin]))
+    trainer.fit(SpyModule())
+    assert grad_scaler(trainer) is plugin.scaler
+    assert [with_closure for with_closure, _ in SpySGD.calls] == [False]
+    # With closure steps the optimizer gets the closure; the gradient it leaves is scaled, as the loss in backward.
+    SpySGD.calls = []
+    trainer = pl.Trainer(
+        callbacks=[ClosureSteps()],
+        **trainer_kwargs(max_epochs=1, limit_train_batches=1, plugins=[scaler_plugin(init_scale=2.0**10)]),
+    )
+    model = SpyModule()
+    trainer.fit(model)
+    ((with_closure, grads),) = SpySGD.calls
+    assert with_closure
+    inputs, labels = next(iter(model.train_dataloader()))
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+    loss.backward()
+    for grad, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(grad, 2.0**10 * p.grad, rtol=1e-3, atol=1e-3)
+    set_closure_steps(trainer, False)
+    assert "optimizer_step" not in vars(trainer.precision_plugin)
+
+
+def test_closure_steps_change_nothing_without_a_grad_scaler():
+    trainer = pl.Trainer(**trainer_kwargs(precision="bf16-mixed"))
+    assert grad_scaler(trainer) is None
+    set_closure_steps(trainer, True)
+    assert "optimizer_step" not in vars(trainer.precision_plugin)
