@@ -39,8 +39,8 @@ from torch import Tensor
 
 __all__ = ["MIN_SCALE", "LossScaling"]
 
-#: The scale below which an overflowing gradient is not evaluated again: it is the smallest float16 subnormal, so a
-#: gradient that overflows even scaled down this far is not finite in any precision.
+#: The scale below which an overflowing gradient is not evaluated again: the smallest float16 subnormal. A gradient
+#: that overflows even scaled down this far cannot be computed in float16 at all.
 MIN_SCALE = 2.0**-24
 
 

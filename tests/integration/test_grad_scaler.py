@@ -250,6 +250,6 @@ def test_the_gpu_precision_check_passes_on_the_cpu_with_the_scaler(capsys):
     GradScaler ends within 1.5 times the 32-true run's training loss, without a fallback or a non-finite weight."""
     from benchmarks.gpu_precision_check import main
 
-    assert main(["--device", "cpu", "--scaler", "--precisions", "16-mixed", "--epochs", "12", "--swap", "3"]) == 0
+    assert main(["--device", "cpu", "--scaler", "--precisions", "16-mixed", "--epochs", "8", "--swap", "2"]) == 0
     report = capsys.readouterr().out
     assert "16-mixed + GradScaler" in report and report.rstrip().endswith("ok")
