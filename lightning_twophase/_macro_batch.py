@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_twophase.objective import ModuleState, TrainingObjective
+from lightning_twophase.objective import TrainingObjective
 from lightning_twophase.optim.conjugate_gradient import NonFiniteObjectiveError, StepDiagnostics
 
 __all__ = ["MacroBatchStep"]  # the adapter itself is private to the CG phase
@@ -66,7 +66,6 @@ class _MacroBatchOptimizer(Optimizer):
         batches_per_step: mini-batches per macro-batch; ``None`` means the whole epoch (full-batch, the paper's CG).
         loop_pass: a context for the training loop's own pass, in which its backward leaves the gradient rank-local
             (DDP's ``no_sync``): the sums are added up across ranks once per macro-batch instead.
-        capture_state: the module's plain attributes before a loop's pass, for the trial evaluations of that batch.
         on_params_added: told of parameters added to the optimizer after the swap (the fallback's optimizer must
             know them too).
         warn: how to warn (rank zero only, in a Trainer).
@@ -81,7 +80,6 @@ class _MacroBatchOptimizer(Optimizer):
         on_step: Callable[[MacroBatchStep], None],
         batches_per_step: int | None = None,
         loop_pass: Callable[[], AbstractContextManager[Any]] = nullcontext,
-        capture_state: Callable[[], ModuleState | None] = lambda: None,
         on_params_added: Callable[[list[Tensor]], None] = lambda params: None,
         warn: Callable[[str], None] = warnings.warn,
     ) -> None:
@@ -99,7 +97,6 @@ class _MacroBatchOptimizer(Optimizer):
         self._current_batch = current_batch
         self._on_step = on_step
         self._loop_pass = loop_pass
-        self._capture_state = capture_state
         self._on_params_added = on_params_added
         self._warn = warn
         self._accepts_value_closure = "value_closure" in inspect.signature(optimizer.step).parameters
@@ -128,7 +125,7 @@ class _MacroBatchOptimizer(Optimizer):
                 "The CG phase's optimizer needs the training loop's closure (forward and backward of the batch)."
             )
         batch, batch_idx, last_in_epoch = self._current_batch()
-        state = self._capture_state()
+        state = self.objective.snapshot_state()  # the module's data as the loop's pass of this batch finds it
         with self.objective.seeded(len(self.objective)), self._loop_pass():
             loss = closure()
         if loss is not None:

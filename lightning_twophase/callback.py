@@ -102,8 +102,9 @@ class ConvexitySwapCallback(Callback):
             checks, the CG phase decreases the loss more slowly per unit of compute than the first optimizer did
             before the swap and is not ahead of where the first optimizer would be (``None``: never for these
             reasons).
-        max_cached_bytes: a macro-batch's batches stay on the training device up to this many bytes; the rest wait in
-            host memory during the iteration.
+        max_cached_bytes: a macro-batch's batches stay on the training device up to this many bytes, the module's data
+            saved for each of them (:mod:`~lightning_twophase.module_state`) included; the rest wait in host memory
+            during the iteration.
         trial_batching: how line-search trials evaluate the kept batches: ``"auto"`` (in one concatenated chunk if
             that gives the same loss as batch by batch, checked once), ``"chunks"`` or ``"batches"``.
         log_figures: draw the norm-vs-loss figure (needs matplotlib) at the swap and at the end of training.

@@ -9,8 +9,9 @@ other randomness in ``training_step`` repeat too.
 Python's ``random`` and numpy's global generator are seeded the same way.
 
 Trial evaluations leave no trace: ``self.log`` is silenced, module buffers (batch-norm statistics) and torchmetrics
-states are restored afterwards, and so are the module's plain attributes (a list ``training_step`` appends to, a
-state it carries from one step to the next): each trial evaluation of a batch starts from the attributes the training
+states are restored afterwards, and so is the data in the attributes of the module and its submodules
+(:class:`~lightning_twophase.module_state.ModuleState`: a list ``training_step`` appends to, a state it carries from
+one step to the next, a child module's counter): each trial evaluation of a batch starts from the data the training
 loop's pass of that batch saw. :func:`is_trial_evaluation` tells user code which evaluation it is in. DDP's gradient
 hooks are not involved (gradients come from ``torch.autograd.grad``), and under data parallelism the objective and its
 gradient are the mean over every sample of every rank, whatever the shard sizes.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -33,11 +35,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 
 from lightning_twophase._lightning import logging_suppressed
+from lightning_twophase.module_state import ModuleState
 from lightning_twophase.optim.distributed import all_reduce_sum_, is_distributed, reduce_decision_scalars
 
 __all__ = [
@@ -45,8 +48,6 @@ __all__ = [
     "batch_nbytes",
     "is_trial_evaluation",
     "lightning_objective",
-    "module_state",
-    "restore_module_state",
     "training_step_loss",
 ]
 
@@ -69,42 +70,10 @@ def is_trial_evaluation() -> bool:
                 self.training_step_outputs.append(loss.detach())
             return loss
 
-    (The module's plain attributes are restored after trial evaluations anyway; this is for effects elsewhere.)
+    (The data in the module's attributes is restored after trial evaluations anyway, with the limits named in
+    :mod:`lightning_twophase.module_state`; this is for effects elsewhere, and for data beyond those limits.)
     """
     return _in_trial.get()
-
-
-#: A module's plain attributes: ``{name: (value, copy of its contents if it is a list, dict or set)}``.
-ModuleState = dict[str, tuple[Any, Any]]
-
-
-def module_state(module: nn.Module) -> ModuleState:
-    """The module's public attributes that are data: not submodules, parameters, buffers or methods."""
-    state: ModuleState = {}
-    for name, value in vars(module).items():
-        if name.startswith("_") or callable(value):
-            continue
-        contents = value.copy() if isinstance(value, (list, dict, set)) else None
-        state[name] = (value, contents)
-    return state
-
-
-def restore_module_state(module: nn.Module, state: ModuleState) -> None:
-    """Put the attributes back as ``state`` has them: the same objects, with the same contents; new ones removed.
-
-    Tensors changed in place are not restored (only reassigned ones are).
-    """
-    attributes = vars(module)
-    for name in [name for name in attributes if name not in state and not name.startswith("_")]:
-        if not callable(attributes[name]):
-            del attributes[name]
-    for name, (value, contents) in state.items():
-        attributes[name] = value
-        if isinstance(value, list):
-            value[:] = contents
-        elif contents is not None:
-            value.clear()
-            value.update(contents)
 
 
 #: ``loss_fn(batch, batch_idx)``: the loss of one stored batch, or ``None`` to skip it.
@@ -141,12 +110,13 @@ class TrainingObjective:
     Args:
         loss_fn: the loss of one batch, ``loss_fn(batch, batch_idx)`` (``None`` skips the batch).
         params: the parameters the optimizer updates (gradients are computed for these).
-        module: the module whose buffers and torchmetrics states trial evaluations must not change.
+        module: the module whose buffers, torchmetrics states and attribute data trial evaluations must not change.
         device: the training device (kept batches live there, and the random state forked there).
         to_device: moves a batch kept in host memory back to the device.
         rank: this process's rank (part of the per-batch seeds).
-        max_device_bytes: batches are kept on the training device while their total stays within this bound; the
-            rest wait in host memory and are copied back for each evaluation.
+        max_device_bytes: batches are kept on the training device while their total, with the module's data saved
+            for them (:meth:`snapshot_state`), stays within this bound; the rest wait in host memory and are copied
+            back for each evaluation. The module's data is saved for every batch while it fits in the bound too.
         seed: base of the per-batch random seeds.
         quiet: a context manager factory under which trial evaluations run (``self.log`` silenced, for instance).
         trial_batching: how forward-only evaluations go through the kept batches: ``"batches"`` one by one, as the
@@ -155,6 +125,7 @@ class TrainingObjective:
             same value to ``1e-6`` (they do not with batch-norm in training mode, losses that are not sample means,
             or randomness per batch).
         inform: told which batching ``"auto"`` chose, and why.
+        warn: told of the module's data that cannot be saved or put back.
 
     """
 
@@ -172,6 +143,7 @@ class TrainingObjective:
         quiet: Callable[[], AbstractContextManager[Any]] = nullcontext,
         trial_batching: str = "batches",
         inform: Callable[[str], None] = lambda message: None,
+        warn: Callable[[str], None] = warnings.warn,
     ) -> None:
         if trial_batching not in TRIAL_BATCHING:
             raise ValueError(f"`trial_batching` must be one of {TRIAL_BATCHING}, got {trial_batching!r}.")
@@ -186,10 +158,15 @@ class TrainingObjective:
         self.quiet = quiet
         self.trial_batching = trial_batching
         self.inform = inform
+        self.warn = warn
         self.iteration = 0
-        # (batch, batch_idx, size, on_device, the module's attributes before the loop's pass of the batch)
+        # (batch, batch_idx, size, on_device, the module's data before the loop's pass of the batch)
         self._batches: list[tuple[Any, int, int, bool, ModuleState | None]] = []
         self._device_bytes = 0
+        self._state_bytes = 0
+        self._last_state: ModuleState | None = None
+        self._states_fit = True
+        self._warned_states = False
         self._start_loss: float | None = None
         #: Samples passed forward and backward by trial evaluations (for compute accounting).
         self.forward_samples = 0
@@ -207,12 +184,47 @@ class TrainingObjective:
     def __len__(self) -> int:
         return len(self._batches)
 
+    def snapshot_state(self) -> ModuleState | None:
+        """The module's data now, before the training loop's pass of the next batch, for :meth:`add`.
+
+        Unchanged attributes are shared with the previous batch's snapshot. The first batch of an iteration always gets
+        one; a later batch gets ``None`` once the snapshots and the batches on the device would exceed
+        ``max_device_bytes`` (with a warning): its trial evaluations then go on from the data the previous batch's
+        evaluation left, as the training loop's pass did.
+        """
+        if self._batches and not self._states_fit:
+            return None
+        state = ModuleState.capture(self.module, previous=self._last_state)
+        if state.notes:
+            self.warn(
+                "ConvexitySwapCallback: trial evaluations cannot put back these attributes of the module, which "
+                f"could not be copied: {'; '.join(state.notes)}. If training_step changes them, skip that at trial "
+                "points with `lightning_twophase.is_trial_evaluation()`."
+            )
+        if self._batches and self._device_bytes + self._state_bytes + state.nbytes > self.max_device_bytes:
+            self._states_fit = False
+            if not self._warned_states:
+                self._warned_states = True
+                self.warn(
+                    f"ConvexitySwapCallback: the module's data saved for each kept batch (about {state.nbytes} bytes "
+                    f"for this one, {self._state_bytes} so far) exceeds max_cached_bytes={self.max_device_bytes}: "
+                    f"from batch {len(self._batches)} of this iteration on, trial evaluations go on from the data the "
+                    "previous batch's evaluation left instead of the data the training loop's pass saw. Raise "
+                    "max_cached_bytes, or keep large data out of the module's attributes, or leave it unchanged at "
+                    "trial points with `lightning_twophase.is_trial_evaluation()`."
+                )
+            return None
+        return state
+
     def add(self, batch: Any, batch_idx: int, state: ModuleState | None = None) -> int:
-        """Keep a batch for this iteration and return its size; ``state``: the module's attributes before the training
-        loop's pass of this batch (see :func:`module_state`), which trial evaluations of the batch start from."""
+        """Keep a batch for this iteration and return its size; ``state``: the module's data before the training
+        loop's pass of this batch (:meth:`snapshot_state`), which trial evaluations of the batch start from."""
         size = extract_batch_size(batch)
         nbytes = batch_nbytes(batch)
-        on_device = self._device_bytes + nbytes <= self.max_device_bytes
+        if state is not None:
+            self._state_bytes += state.nbytes
+            self._last_state = state
+        on_device = self._device_bytes + self._state_bytes + nbytes <= self.max_device_bytes
         if on_device:
             self._device_bytes += nbytes
         else:
@@ -224,6 +236,9 @@ class TrainingObjective:
         """Drop the stored batches (the iteration is over)."""
         self._batches.clear()
         self._device_bytes = 0
+        self._state_bytes = 0
+        self._last_state = None
+        self._states_fit = True
         self._start_loss = None
 
     @contextmanager
@@ -264,10 +279,16 @@ class TrainingObjective:
         if not on_device:
             batch = self.to_device(batch)
         if state is not None:
-            restore_module_state(self.module, state)
+            state.restore(self._report)
         with self.seeded(position):
             loss = self.loss_fn(batch, batch_idx)
         return loss, size
+
+    def _report(self, problem: str) -> None:
+        self.warn(
+            f"ConvexitySwapCallback: {problem}. Skip that change at trial points with "
+            "`lightning_twophase.is_trial_evaluation()`."
+        )
 
     def value(self) -> Tensor:
         """The mean loss over the stored batches (forward passes only, no autograd graph)."""
@@ -307,7 +328,7 @@ class TrainingObjective:
         if chunk is not None:
             _, batch_idx, _, _, state = kept[0]
             if state is not None:
-                restore_module_state(self.module, state)
+                state.restore(self._report)
             with self.seeded(0):
                 yield self.loss_fn(chunk, batch_idx), sum(entry[2] for entry in kept)
         for position, entry in enumerate(self._batches):
@@ -363,24 +384,32 @@ class TrainingObjective:
         return self.value_and_gradient()
 
     @contextmanager
-    def side_effects_suspended(self) -> Iterator[None]:
-        """Run trial evaluations without leaving a trace in logs, module buffers, torchmetrics states or the module's
-        plain attributes; :func:`is_trial_evaluation` is true inside."""
+    def _module_kept(self) -> Iterator[None]:
+        """Put the module's buffers, torchmetrics states and attribute data back as they were on leaving."""
         buffers = [b for b in self.module.buffers() if b is not None]
         saved_buffers = [b.detach().clone() for b in buffers]
         metric_states = _metric_states(self.module)
-        attributes = module_state(self.module)
+        attributes = ModuleState.capture(self.module)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, saved in zip(buffers, saved_buffers):
+                    buffer.copy_(saved)
+            _restore_metric_states(metric_states)
+            attributes.restore(self._report)
+
+    @contextmanager
+    def side_effects_suspended(self) -> Iterator[None]:
+        """Run trial evaluations without leaving a trace in logs, module buffers, torchmetrics states or the data in
+        the module's attributes; :func:`is_trial_evaluation` is true inside."""
         token = _in_trial.set(True)
         with self.quiet():
             try:
-                yield
+                with self._module_kept():
+                    yield
             finally:
                 _in_trial.reset(token)
-                with torch.no_grad():
-                    for buffer, saved in zip(buffers, saved_buffers):
-                        buffer.copy_(saved)
-                _restore_metric_states(metric_states)
-                restore_module_state(self.module, attributes)
 
 
 def lightning_objective(
@@ -413,6 +442,7 @@ def lightning_objective(
         quiet=lambda: logging_suppressed(pl_module),
         trial_batching=trial_batching,
         inform=rank_zero_info,
+        warn=rank_zero_warn,
     )
 
 

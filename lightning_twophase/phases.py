@@ -41,7 +41,7 @@ from lightning_twophase._lightning import (
 from lightning_twophase._macro_batch import MacroBatchStep, _MacroBatchOptimizer
 from lightning_twophase.detection import SwapDetector
 from lightning_twophase.fallback import FallbackDecision, FallbackPolicy
-from lightning_twophase.objective import lightning_objective, module_state
+from lightning_twophase.objective import lightning_objective
 from lightning_twophase.optim import NonFiniteObjectiveError
 from lightning_twophase.preconditioning import apply_preconditioner
 from lightning_twophase.probe import CGProbe
@@ -438,7 +438,6 @@ class CGPhase(Phase):
             on_step=self._results.append,
             batches_per_step=config.batches_per_step,
             loop_pass=lambda: backward_sync_blocked(trainer),
-            capture_state=lambda: module_state(pl_module),
             on_params_added=self._add_to_first_optimizer,
             warn=rank_zero_warn,
         )

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback
+from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, ProbeDetector
 from lightning_twophase._macro_batch import _MacroBatchOptimizer as MacroBatchOptimizer
 from tests.conftest import TinyClassifier, blobs, trainer_kwargs
 
@@ -487,3 +489,97 @@ def test_trial_evaluations_leave_the_modules_attributes_as_the_loop_left_them():
         assert record["value_1"] == record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
     # The loop's own passes are training steps; the line search's evaluations are trial evaluations.
     assert TRIAL_FLAGS[: 2 * batches].count(True) == 0 and TRIAL_FLAGS.count(True) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models that do more than compute a loss, through the default callback's first phase (probes) and its CG phase
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class AverageMeter:
+    def __init__(self) -> None:
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value: float, n: int) -> None:
+        self.sum += value * n
+        self.count += n
+
+
+class Tracker(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.summary = torch.zeros(3)
+
+
+class KeepsNestedState(TinyClassifier):
+    """State beyond the module's top-level attributes: a child module's counter and carried summary (both part of the
+    loss), a dict of lists, an average meter, a numpy array and a deque, all changed in place. ``guarded`` skips the
+    changes at trial points (``is_trial_evaluation``): what the callback must give without being told."""
+
+    def __init__(self, guarded: bool = False) -> None:
+        super().__init__()
+        self.guarded = guarded
+        self.tracker = Tracker()
+        self.by_key: dict[str, list[float]] = {"loss": [], "size": []}
+        self.meter = AverageMeter()
+        self.histogram = np.zeros(3)
+        self.recent: deque[int] = deque(maxlen=4)
+        self.per_epoch: list[tuple] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        inputs, labels = batch
+        logits = self(inputs) + self.tracker.summary * (1 + 0.1 * (self.tracker.count % 3))
+        loss = nn.functional.cross_entropy(logits, labels)
+        if not (self.guarded and is_trial_evaluation()):
+            self.tracker.count += 1
+            self.tracker.summary.mul_(0.9).add_(0.1 * logits.detach().mean(dim=0))
+            self.by_key["loss"].append(float(loss))
+            self.by_key["size"].append(len(inputs))
+            self.meter.update(float(loss), len(inputs))
+            self.histogram += np.bincount(labels.numpy(), minlength=3)
+            self.recent.append(batch_idx)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        mean = self.meter.sum / self.meter.count
+        self.per_epoch.append((mean, len(self.by_key["loss"]), self.histogram.tolist(), list(self.recent)))
+        self.meter.sum, self.meter.count = 0.0, 0
+        for values in self.by_key.values():
+            values.clear()
+
+    def state(self) -> tuple:
+        return self.per_epoch, self.tracker.count, self.tracker.summary.tolist()
+
+
+def probing_callback(**kwargs: Any) -> ConvexitySwapCallback:
+    """The default callback with a probe at once and a margin any probe clears: probes, then the swap."""
+    detector = ProbeDetector(first_probe_epoch=1, probe_iterations=2, window=3, margin=1e-9, spacing=(1.25, 1.5))
+    return ConvexitySwapCallback(detector=detector, **kwargs)
+
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("make_callback", "epochs"),
+    [(lambda: ConvexitySwapCallback(fixed_swap_epoch=1), 3), (probing_callback, 5)],
+    ids=["forced-swap", "probes-then-swap"],
+)
+def test_nested_module_state_changed_at_trial_points_is_put_back(make_callback, epochs):
+    results = []
+    for guarded in (False, True):
+        model = KeepsNestedState(guarded)
+        callback = make_callback()
+        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=epochs)).fit(model)
+        assert callback.phase == "cg"
+        results.append((weights(model), model.state()))
+    (unguarded, state), (guarded, guarded_state) = results
+    # Without being told, the run is the one of a model that skips its changes at trial points.
+    assert state == guarded_state
+    assert all(torch.equal(a, b) for a, b in zip(unguarded, guarded))
+    batches = 8  # 240 samples in batches of 32
+    assert [entry[1] for entry in state[0]] == [batches] * epochs

@@ -189,3 +189,81 @@ def test_batches_that_cannot_be_joined_are_evaluated_one_by_one():
         objective.add((batch, "names of a batch"), index)
     assert math.isfinite(float(objective.value()))
     assert objective.trial_batching == "batches"
+
+
+class CarriesState(nn.Module):
+    """A loss that depends on a state carried from batch to batch, in a child module, with a buffer and a counter; it
+    cannot take batches larger than the ones it was trained on (as an RNN whose hidden state has the batch's size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 1)
+        self.child = nn.Module()
+        self.child.calls = 0
+        self.child.carried = torch.zeros(1)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def loss(self, batch, batch_idx):
+        inputs, targets = batch
+        self.child.calls += 1
+        self.seen += len(inputs)
+        if len(inputs) > 16:
+            raise RuntimeError("Expected hidden size (1, 39, 16), got [1, 16, 16]")
+        loss = nn.functional.mse_loss(self.linear(inputs) + self.child.carried, targets)
+        self.child.carried = self.child.carried + 0.1
+        return loss
+
+
+def carried_state_objective(trial_batching: str, messages: list[str]) -> tuple[TrainingObjective, CarriesState]:
+    torch.manual_seed(0)
+    model = CarriesState()
+    objective = TrainingObjective(
+        model.loss, list(model.parameters()), model, trial_batching=trial_batching, inform=messages.append
+    )
+    for index, batch in enumerate(regression_batches()):
+        state = objective.snapshot_state()
+        with torch.no_grad():
+            model.loss(batch, index)  # the training loop's pass, which moves the carried state on
+        objective.add(batch, index, state)
+    return objective, model
+
+
+def test_each_batch_is_evaluated_from_the_state_its_loop_pass_saw():
+    objective, model = carried_state_objective("batches", [])
+    model.child.carried = torch.full((1,), 5.0)  # where the loop left it: not what the batches saw
+    inputs = torch.cat([b[0] for b in regression_batches()])
+    targets = torch.cat([b[1] for b in regression_batches()])
+    offsets = torch.cat([torch.full((len(b[0]), 1), 0.1 * i) for i, b in enumerate(regression_batches())])
+    with torch.no_grad():
+        expected = nn.functional.mse_loss(model.linear(inputs) + offsets, targets)
+    assert float(objective.value()) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_the_module_data_kept_per_batch_counts_against_the_device_bound():
+    model = nn.Linear(5, 1)
+    model.table = list(range(200_000))  # 1.6 MB of references, never changed
+    batches = regression_batches((16,) * 64)
+    objective = objective_for(model)
+    for index, batch in enumerate(batches):
+        objective.add(batch, index, objective.snapshot_state())
+    # Shared from batch to batch: one copy for the iteration, not 64.
+    assert 8 * 200_000 <= objective._state_bytes < 2 * 8 * 200_000
+    # Within a bound that the data takes up, the batches wait on the host.
+    bounded = objective_for(model, max_device_bytes=8 * 200_000 + 3 * batch_nbytes(batches[0]))
+    for index, batch in enumerate(batches):
+        bounded.add(batch, index, bounded.snapshot_state())
+    assert sum(entry[3] for entry in bounded._batches) <= 3
+
+
+def test_module_data_beyond_the_bound_is_not_kept_per_batch_and_that_is_said():
+    model = nn.Linear(5, 1)
+    model.outputs = []
+    warnings: list[str] = []
+    objective = objective_for(model, max_device_bytes=20_000, warn=warnings.append)
+    for index, batch in enumerate(regression_batches((4,) * 40)):
+        state = objective.snapshot_state()
+        model.outputs.extend(range(100))  # grows at every step: nothing to share
+        objective.add(batch, index, state)
+    states = [entry[4] for entry in objective._batches]
+    assert states[0] is not None and states[-1] is None  # the first batch always has its state
+    assert len(warnings) == 1 and "max_cached_bytes=20000" in warnings[0]
