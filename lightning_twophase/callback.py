@@ -106,7 +106,8 @@ class ConvexitySwapCallback(Callback):
             saved for each of them (:mod:`~lightning_twophase.module_state`) included; the rest wait in host memory
             during the iteration.
         trial_batching: how line-search trials evaluate the kept batches: ``"auto"`` (in one concatenated chunk if
-            that gives the same loss as batch by batch, checked once), ``"chunks"`` or ``"batches"``.
+            that gives the same loss as batch by batch, checked once; a chunk that raises means batch by batch, and
+            the attempt leaves no trace), ``"chunks"`` or ``"batches"``.
         log_figures: draw the norm-vs-loss figure (needs matplotlib) at the swap and at the end of training.
 
     Raises:

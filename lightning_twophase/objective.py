@@ -123,7 +123,9 @@ class TrainingObjective:
             training loop did; ``"chunks"`` concatenated into one chunk (fewer, larger calls: faster where a model is
             bound by kernel launches); ``"auto"`` tries both at the first evaluation and keeps chunks if they give the
             same value to ``1e-6`` (they do not with batch-norm in training mode, losses that are not sample means,
-            or randomness per batch).
+            randomness per batch, or a state carried from batch to batch). A chunk that cannot be formed or evaluated
+            (an exception) means batches; the attempt leaves no trace in the module, its buffers and metrics, or the
+            random generators.
         inform: told which batching ``"auto"`` chose, and why.
         warn: told of the module's data that cannot be saved or put back.
 
@@ -292,19 +294,24 @@ class TrainingObjective:
 
     def value(self) -> Tensor:
         """The mean loss over the stored batches (forward passes only, no autograd graph)."""
-        chunked = self.trial_batching == "chunks"
         if self.trial_batching == "auto":
-            by_batch, by_chunk = self._forward_value(chunked=False), self._forward_value(chunked=True)
-            agree = bool(abs(by_chunk - by_batch) <= 1e-6 * abs(by_batch))
+            by_batch = self._forward_value(chunked=False)
+            by_chunk, error = self._chunked_value_tried()
+            agree = error is None and bool(abs(by_chunk - by_batch) <= 1e-6 * abs(by_batch))
             self.trial_batching = "chunks" if agree else "batches"
+            why = (
+                f"evaluating them in one chunk failed: {error}"
+                if error is not None
+                else f"the two ways gave {float(by_batch):.8g} and {float(by_chunk):.8g}"
+            )
             self.inform(
                 f"ConvexitySwapCallback: trial evaluations run {'in one chunk of' if agree else 'batch by batch over'} "
-                f"the kept batches (the two ways gave {float(by_batch):.8g} and {float(by_chunk):.8g})."
+                f"the kept batches ({why})."
             )
             return by_batch
-        return self._forward_value(chunked)
+        return self._forward_value(self.trial_batching == "chunks")
 
-    def _forward_value(self, chunked: bool) -> Tensor:
+    def _forward_sums(self, chunked: bool) -> tuple[Tensor, int]:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         with torch.no_grad():
@@ -312,20 +319,34 @@ class TrainingObjective:
                 if loss is not None:
                     total += loss.detach().double() * size
                     count += size
+        return total, count
+
+    def _forward_value(self, chunked: bool) -> Tensor:
+        total, count = self._forward_sums(chunked)
         self.forward_samples += count
         return self.global_mean_(total, count, [])
+
+    def _chunked_value_tried(self) -> tuple[Tensor, str | None]:
+        """The value evaluated in chunks, and what went wrong if it could not be: the attempt leaves the module's data,
+        buffers and metric states as it found them (the random generators are forked anyway). Every rank meets in the
+        same reduction, so the comparison with batch-by-batch evaluation comes out the same on every rank."""
+        error = None
+        with self._module_kept():
+            try:
+                total, count = self._forward_sums(chunked=True)
+            except Exception as exception:  # any failure of the chunk means batch by batch
+                error = f"{type(exception).__name__}: {exception}"
+                total, count = torch.tensor(math.nan, dtype=torch.float64, device=self.device), self.num_samples
+        mean = self.global_mean_(total, count, [])
+        if error is None:
+            self.forward_samples += count
+        return mean, error
 
     def _chunk_losses(self) -> Iterator[tuple[Tensor | None, int]]:
         """The loss of the batches kept on the device, concatenated into one chunk; the others one by one."""
         kept = [entry for entry in self._batches if entry[3]]
-        try:
-            chunk = _concatenate([entry[0] for entry in kept]) if kept else None
-        except (TypeError, RuntimeError):
-            # Batches that cannot be joined count as a NaN loss: the ranks still meet in the same collective, and
-            # the comparison with batch-by-batch evaluation fails on every rank alike.
-            yield torch.tensor(math.nan, device=self.device), sum(entry[2] for entry in self._batches)
-            return
-        if chunk is not None:
+        if kept:
+            chunk = _concatenate([entry[0] for entry in kept])
             _, batch_idx, _, _, state = kept[0]
             if state is not None:
                 state.restore(self._report)

@@ -496,6 +496,32 @@ def test_trial_evaluations_leave_the_modules_attributes_as_the_loop_left_them():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class CarriedGRU(pl.LightningModule):
+    """A GRU whose hidden state is carried from one step to the next, sized for the batches of 32 it trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru = nn.GRU(4, 16, batch_first=True)
+        self.head = nn.Linear(16, 1)
+        self.hidden = torch.zeros(1, 32, 16)
+        generator = torch.Generator().manual_seed(0)
+        self.sequences = torch.randn(128, 3, 4, generator=generator)
+        self.targets = 0.1 * self.sequences.sum(dim=(1, 2)).unsqueeze(1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        output, hidden = self.gru(inputs, self.hidden)
+        self.hidden = hidden.detach()
+        return nn.functional.mse_loss(self.head(output[:, -1]), targets)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.sequences, self.targets), batch_size=32)
+
+
 class AverageMeter:
     def __init__(self) -> None:
         self.sum, self.count = 0.0, 0
@@ -562,6 +588,19 @@ def probing_callback(**kwargs: Any) -> ConvexitySwapCallback:
 
 def weights(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
+
+
+def test_a_carried_rnn_state_evaluates_batch_by_batch_with_the_numbers_of_trial_batching_batches():
+    results = []
+    for trial_batching in ("auto", "batches"):
+        model = CarriedGRU()
+        callback = ConvexitySwapCallback(fixed_swap_epoch=1, trial_batching=trial_batching)
+        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
+        assert callback.phase == "cg"
+        results.append((weights(model), model.hidden.clone(), callback.state_dict()["trial_batching"]))
+    (auto, auto_hidden, decided), (batches, batches_hidden, _) = results
+    assert decided == "batches"  # the one chunk failed: a hidden state for 32 sequences, a chunk of 128
+    assert all(torch.equal(a, b) for a, b in zip(auto, batches)) and torch.equal(auto_hidden, batches_hidden)
 
 
 @pytest.mark.parametrize(

@@ -228,6 +228,22 @@ def carried_state_objective(trial_batching: str, messages: list[str]) -> tuple[T
     return objective, model
 
 
+def test_a_chunk_that_fails_means_batch_by_batch_and_leaves_no_trace():
+    messages: list[str] = []
+    auto, auto_model = carried_state_objective("auto", messages)
+    batches, batches_model = carried_state_objective("batches", [])
+    with auto.side_effects_suspended():
+        auto_values = [float(auto.value()) for _ in range(3)]
+        auto_state = (auto_model.child.calls, float(auto_model.child.carried), float(auto_model.seen))
+    with batches.side_effects_suspended():
+        batch_values = [float(batches.value()) for _ in range(3)]
+        batch_state = (batches_model.child.calls, float(batches_model.child.carried), float(batches_model.seen))
+    assert auto.trial_batching == "batches" and "failed: RuntimeError: Expected hidden size" in messages[0]
+    # The same numbers as batch by batch, and the failed chunk changed neither the counter, the state nor the buffer.
+    assert auto_values == batch_values and auto_state == batch_state
+    assert (auto_model.child.calls, float(auto_model.child.carried)) == (3, pytest.approx(0.3))
+
+
 def test_each_batch_is_evaluated_from_the_state_its_loop_pass_saw():
     objective, model = carried_state_objective("batches", [])
     model.child.carried = torch.full((1,), 5.0)  # where the loop left it: not what the batches saw
