@@ -13,7 +13,8 @@ states are restored afterwards, and so is the data in the attributes of the modu
 (:class:`~lightning_twophase.module_state.ModuleState`: a list ``training_step`` appends to, a state it carries from
 one step to the next, a child module's counter): each trial evaluation of a batch starts from the data the training
 loop's pass of that batch saw. :func:`is_trial_evaluation` tells user code which evaluation it is in. DDP's gradient
-hooks are not involved (gradients come from ``torch.autograd.grad``), and under data parallelism the objective and its
+hooks are not involved (gradients come from ``torch.autograd.grad``, or from ``backward()`` outside DDP's forward
+where a model needs it: reentrant activation checkpointing), and under data parallelism the objective and its
 gradient are the mean over every sample of every rank, whatever the shard sizes.
 
 :class:`TrainingObjective` itself knows nothing of Lightning: it evaluates a loss function of ``(batch, batch_idx)``.
@@ -126,7 +127,7 @@ class TrainingObjective:
             randomness per batch, or a state carried from batch to batch). A chunk that cannot be formed or evaluated
             (an exception) means batches; the attempt leaves no trace in the module, its buffers and metrics, or the
             random generators.
-        inform: told which batching ``"auto"`` chose, and why.
+        inform: told which batching ``"auto"`` chose and why, and when gradients need ``backward()``.
         warn: told of the module's data that cannot be saved or put back.
 
     """
@@ -161,6 +162,8 @@ class TrainingObjective:
         self.trial_batching = trial_batching
         self.inform = inform
         self.warn = warn
+        #: How gradients are taken: ``"autograd"`` (``torch.autograd.grad``) until a model needs ``"backward"``.
+        self.gradient_mode = "autograd"
         self.iteration = 0
         # (batch, batch_idx, size, on_device, the module's data before the loop's pass of the batch)
         self._batches: list[tuple[Any, int, int, bool, ModuleState | None]] = []
@@ -365,21 +368,59 @@ class TrainingObjective:
                 p.grad.zero_()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        for position in range(len(self._batches)):
-            with torch.enable_grad():
-                loss, size = self._loss_on(position)
-                if loss is None:
-                    continue
-                # autograd.grad leaves DDP's reducer out of it; the ranks are added up below.
-                grads = torch.autograd.grad(loss * size, self.params, allow_unused=True)
-            for p, grad in zip(self.params, grads):
-                if grad is not None:
-                    p.grad.add_(grad)
-            total += loss.detach().double() * size
-            count += size
+        with self._other_gradients_kept():
+            for position in range(len(self._batches)):
+                with torch.enable_grad():
+                    loss, size = self._loss_on(position)
+                    if loss is None:
+                        continue
+                    loss = self._add_gradient(loss, size, position)
+                total += loss.detach().double() * size
+                count += size
         self.forward_samples += count
         self.backward_samples += count
         return self.global_mean_(total, count, [p.grad for p in self.params])
+
+    def _add_gradient(self, loss: Tensor, size: int, position: int) -> Tensor:
+        """Add the gradient of ``loss * size`` to ``p.grad``; return the loss (evaluated again if the first attempt
+        found that the model needs ``backward()``)."""
+        if self.gradient_mode == "autograd":
+            try:
+                # autograd.grad leaves DDP's reducer out of it; the ranks are added up in global_mean_.
+                grads = torch.autograd.grad(loss * size, self.params, allow_unused=True)
+            except RuntimeError as error:
+                if not _needs_backward(error):
+                    raise
+                self.gradient_mode = "backward"
+                self.inform(
+                    "ConvexitySwapCallback: the model does not support torch.autograd.grad (reentrant activation "
+                    "checkpointing); the CG phase takes its gradients with backward() instead."
+                )
+                loss, size = self._loss_on(position)  # the failed attempt freed the graph: the same evaluation again
+                assert loss is not None
+            else:
+                for p, grad in zip(self.params, grads):
+                    if grad is not None:
+                        p.grad.add_(grad)  # type: ignore[union-attr]
+                return loss
+        # backward() adds into p.grad; called on the module, not on DDP's wrapper, it starts none of DDP's reductions.
+        (loss * size).backward()
+        return loss
+
+    @contextmanager
+    def _other_gradients_kept(self) -> Iterator[None]:
+        """Keep the ``.grad`` of the module's parameters that the objective does not train as it was (``backward()``
+        would add to them)."""
+        own = {id(p) for p in self.params}
+        others = [p for p in self.module.parameters() if p.requires_grad and id(p) not in own]
+        saved = [p.grad for p in others]
+        for p in others:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, grad in zip(others, saved):
+                p.grad = grad
 
     def global_mean_(self, total: Tensor, count: int, grad_sums: list[Tensor]) -> Tensor:
         """The mean loss over every sample of every rank, from this rank's sum ``total`` over ``count`` samples; the
@@ -494,6 +535,13 @@ def _clone(value: Any) -> Any:
     if isinstance(value, list):
         return [_clone(v) for v in value]
     return value
+
+
+def _needs_backward(error: RuntimeError) -> bool:
+    """Whether ``torch.autograd.grad`` failed because the graph holds reentrant activation checkpoints, which only
+    ``backward()`` supports (torch's message: "... is incompatible with .grad() ..." since 2.4, "... is not compatible
+    with .grad() ..." before)."""
+    return "compatible with .grad()" in str(error)
 
 
 def _numpy_random() -> Any:

@@ -522,6 +522,20 @@ class CarriedGRU(pl.LightningModule):
         return DataLoader(TensorDataset(self.sequences, self.targets), batch_size=32)
 
 
+class CheckpointedClassifier(TinyClassifier):
+    """A block under activation checkpointing; the reentrant kind supports backward() but not torch.autograd.grad."""
+
+    def __init__(self, reentrant: bool = True) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.reentrant = reentrant
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.net[1](self.net[0](inputs))
+        hidden = torch.utils.checkpoint.checkpoint(self.block, hidden, use_reentrant=self.reentrant)
+        return self.net[2](hidden)
+
+
 class AverageMeter:
     def __init__(self) -> None:
         self.sum, self.count = 0.0, 0
@@ -601,6 +615,20 @@ def test_a_carried_rnn_state_evaluates_batch_by_batch_with_the_numbers_of_trial_
     (auto, auto_hidden, decided), (batches, batches_hidden, _) = results
     assert decided == "batches"  # the one chunk failed: a hidden state for 32 sequences, a chunk of 128
     assert all(torch.equal(a, b) for a, b in zip(auto, batches)) and torch.equal(auto_hidden, batches_hidden)
+
+
+def test_reentrant_checkpointing_in_the_cg_phase_gets_the_numbers_of_the_non_reentrant_kind():
+    results = []
+    for reentrant in (True, False):
+        model = CheckpointedClassifier(reentrant)
+        callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_kwargs={"line_search": "strong_wolfe"})
+        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
+        results.append((weights(model), callback.history))
+        assert callback.phase == "cg"
+    (reentrant, history), (plain, plain_history) = results
+    assert [r["loss"] for r in history] == pytest.approx([r["loss"] for r in plain_history], rel=1e-6)
+    for a, b in zip(reentrant, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

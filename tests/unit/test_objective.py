@@ -255,6 +255,103 @@ def test_each_batch_is_evaluated_from_the_state_its_loop_pass_saw():
     assert float(objective.value()) == pytest.approx(float(expected), rel=1e-6)
 
 
+class Checkpointed(nn.Module):
+    """A block under reentrant activation checkpointing, which supports backward() but not torch.autograd.grad."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(5, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.last = nn.Linear(8, 1)
+        self.unused_by_optimizer = nn.Linear(5, 1)
+        self.reentrant = reentrant
+
+    def loss(self, batch, batch_idx):
+        inputs, targets = batch
+        hidden = torch.tanh(self.first(inputs))
+        hidden = torch.utils.checkpoint.checkpoint(self.block, hidden, use_reentrant=self.reentrant)
+        return nn.functional.mse_loss(self.last(hidden) + self.unused_by_optimizer(inputs), targets)
+
+    def forward(self, batch):
+        return self.loss(batch, 0)
+
+
+def checkpointed_objective(reentrant: bool, messages: list[str] | None = None):
+    model = Checkpointed(reentrant)
+    trained = [p for name, p in model.named_parameters() if not name.startswith("unused")]
+    inform = messages.append if messages is not None else (lambda message: None)
+    objective = TrainingObjective(model.loss, trained, model, inform=inform)
+    for index, batch in enumerate(regression_batches()):
+        objective.add(batch, index)
+    return objective, model, trained
+
+
+def test_reentrant_checkpointing_takes_gradients_with_backward_and_gets_the_same_numbers():
+    messages: list[str] = []
+    reentrant, model, trained = checkpointed_objective(True, messages)
+    plain, _, plain_trained = checkpointed_objective(False)
+    marker = torch.full_like(model.unused_by_optimizer.weight, 7.0)
+    model.unused_by_optimizer.weight.grad = marker
+    assert float(reentrant.value_and_gradient()) == float(plain.value_and_gradient())
+    assert reentrant.gradient_mode == "backward" and "backward()" in messages[0]
+    for p, q in zip(trained, plain_trained):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    assert model.unused_by_optimizer.weight.grad is marker and model.unused_by_optimizer.bias.grad is None
+    assert (reentrant.forward_samples, reentrant.backward_samples) == (39, 39)  # the failed attempt is not counted
+    reentrant.value_and_gradient()  # the choice is remembered: no second attempt
+    assert len(messages) == 1
+
+
+def _reentrant_rank(rank: int, world_size: int) -> dict:
+    from tests.conftest import init_gloo
+
+    init_gloo(rank, world_size)
+    model = Checkpointed(True)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    reductions: list[int] = []
+
+    def counting_hook(state, bucket):
+        reductions.append(1)
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        return allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    batches = regression_batches()
+    shard = batches[:2] if rank == 0 else batches[2:]  # 32 and 7 samples: shards of different sizes
+    # An ordinary DDP step first, so that the reducer is armed as in training.
+    ddp(shard[0]).backward()
+    model.zero_grad(set_to_none=True)
+    reductions_of_the_step = len(reductions)
+    trained = [p for name, p in model.named_parameters() if not name.startswith("unused")]
+    objective = TrainingObjective(model.loss, trained, model)
+    for index, batch in enumerate(shard):
+        objective.add(batch, index)
+    loss = float(objective.value_and_gradient())
+    return {
+        "loss": loss,
+        "grads": [p.grad.clone() for p in trained],
+        "mode": objective.gradient_mode,
+        "ddp_reductions": (reductions_of_the_step, len(reductions)),
+    }
+
+
+def test_backward_gradients_under_ddp_are_the_global_mean_without_ddps_reduction():
+    from tests.conftest import run_on_ranks
+
+    rank0, rank1 = run_on_ranks(_reentrant_rank)
+    reference, _, reference_trained = checkpointed_objective(False)
+    expected_loss = float(reference.value_and_gradient())  # all 39 samples in one process
+    for result in (rank0, rank1):
+        assert result["mode"] == "backward"
+        step, total = result["ddp_reductions"]
+        assert step > 0 and total == step  # DDP reduced the ordinary step's gradients, none of the objective's
+        assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+        for grad, expected in zip(result["grads"], reference_trained):
+            torch.testing.assert_close(grad, expected.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_the_module_data_kept_per_batch_counts_against_the_device_bound():
     model = nn.Linear(5, 1)
     model.table = list(range(200_000))  # 1.6 MB of references, never changed
