@@ -41,9 +41,9 @@ class MacroBatchStep:
         non_finite: why no step was taken, if the loss or gradient where it would have started was not finite (the
             parameters are unchanged).
         non_finite_batches: indices of the batches (on this rank) whose loss was not finite.
-        forward_samples: samples this rank passed forward for the macro-batch: the training loop's passes and the
-            trial evaluations.
-        backward_samples: samples this rank passed backward.
+        forward_samples: samples passed forward for the macro-batch, over all ranks: the training loop's passes and
+            the trial evaluations.
+        backward_samples: samples passed backward, over all ranks.
 
     """
 
@@ -104,7 +104,6 @@ class _MacroBatchOptimizer(Optimizer):
         self._grad_sum: list[Tensor] | None = None
         self._loss_sum: Tensor | None = None
         self._finite: list[tuple[int, Tensor]] = []  # (batch_idx, whether its loss was finite), read once per step
-        self._loop_samples = 0
         #: Macro-batch steps taken (also the iteration counter of the random seeds; saved with the state).
         self.steps = 0
 
@@ -112,7 +111,6 @@ class _MacroBatchOptimizer(Optimizer):
         """Drop a partly accumulated macro-batch (the epoch ended early, or training was interrupted)."""
         self.objective.clear()
         self._loss_sum = None
-        self._loop_samples = 0
         self._finite.clear()
         if self._grad_sum is not None:
             torch._foreach_zero_(self._grad_sum)
@@ -132,7 +130,6 @@ class _MacroBatchOptimizer(Optimizer):
             size = self.objective.add(batch, batch_idx, state)
             self._accumulate(loss, size)
             self._finite.append((batch_idx, torch.isfinite(loss.detach())))
-            self._loop_samples += size
         full = self.batches_per_step is not None and len(self.objective) >= self.batches_per_step
         if full or last_in_epoch:
             self.finish()
@@ -155,14 +152,14 @@ class _MacroBatchOptimizer(Optimizer):
             return
         assert self._grad_sum is not None and self._loss_sum is not None
         # The start point: the exact sample-weighted means over the macro-batch of every rank.
-        start_loss = float(self.objective.global_mean_(self._loss_sum, self.objective.num_samples, self._grad_sum))
+        mean, loop_samples = self.objective.global_mean_(self._loss_sum, self.objective.num_samples, self._grad_sum)
+        start_loss = float(mean)
         for p, mean_grad in zip(self._params, self._grad_sum):
             if p.grad is None:
                 p.grad = mean_grad.clone()
             else:
                 p.grad.copy_(mean_grad)
         forward_before, backward_before = self.objective.forward_samples, self.objective.backward_samples
-        loop_samples = self._loop_samples
         non_finite_batches = [index for index, finite in self._finite if not bool(finite)]
         self.objective.set_start(start_loss)
         non_finite = None

@@ -326,6 +326,7 @@ class ConvexitySwapCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._phase.count_compute(trainer)
         self._phase.close()
         set_callback_metric(trainer, tags.PHASE, tags.PHASE_VALUES[self.phase])
         write_run_outputs(trainer, self._record, self.detector, self.log_figures)

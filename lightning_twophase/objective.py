@@ -173,7 +173,7 @@ class TrainingObjective:
         self._states_fit = True
         self._warned_states = False
         self._start_loss: float | None = None
-        #: Samples passed forward and backward by trial evaluations (for compute accounting).
+        #: Samples passed forward and backward by trial evaluations, over all ranks (for compute accounting).
         self.forward_samples = 0
         self.backward_samples = 0
 
@@ -326,8 +326,9 @@ class TrainingObjective:
 
     def _forward_value(self, chunked: bool) -> Tensor:
         total, count = self._forward_sums(chunked)
-        self.forward_samples += count
-        return self.global_mean_(total, count, [])
+        mean, samples = self.global_mean_(total, count, [])
+        self.forward_samples += samples
+        return mean
 
     def _chunked_value_tried(self) -> tuple[Tensor, str | None]:
         """The value evaluated in chunks, and what went wrong if it could not be: the attempt leaves the module's data,
@@ -340,9 +341,9 @@ class TrainingObjective:
             except Exception as exception:  # any failure of the chunk means batch by batch
                 error = f"{type(exception).__name__}: {exception}"
                 total, count = torch.tensor(math.nan, dtype=torch.float64, device=self.device), self.num_samples
-        mean = self.global_mean_(total, count, [])
+        mean, samples = self.global_mean_(total, count, [])
         if error is None:
-            self.forward_samples += count
+            self.forward_samples += samples
         return mean, error
 
     def _chunk_losses(self) -> Iterator[tuple[Tensor | None, int]]:
@@ -377,9 +378,10 @@ class TrainingObjective:
                     loss = self._add_gradient(loss, size, position)
                 total += loss.detach().double() * size
                 count += size
-        self.forward_samples += count
-        self.backward_samples += count
-        return self.global_mean_(total, count, [p.grad for p in self.params])
+        mean, samples = self.global_mean_(total, count, [p.grad for p in self.params])
+        self.forward_samples += samples
+        self.backward_samples += samples
+        return mean
 
     def _add_gradient(self, loss: Tensor, size: int, position: int) -> Tensor:
         """Add the gradient of ``loss * size`` to ``p.grad``; return the loss (evaluated again if the first attempt
@@ -422,18 +424,20 @@ class TrainingObjective:
             for p, grad in zip(others, saved):
                 p.grad = grad
 
-    def global_mean_(self, total: Tensor, count: int, grad_sums: list[Tensor]) -> Tensor:
-        """The mean loss over every sample of every rank, from this rank's sum ``total`` over ``count`` samples; the
-        sample-weighted gradient sums ``grad_sums`` become the global mean gradient in place."""
+    def global_mean_(self, total: Tensor, count: int, grad_sums: list[Tensor]) -> tuple[Tensor, int]:
+        """The mean loss over every sample of every rank, from this rank's sum ``total`` over ``count`` samples, and
+        the number of those samples; the sample-weighted gradient sums ``grad_sums`` become the global mean gradient in
+        place."""
         local = torch.stack([total.detach().double(), total.new_tensor(float(count), dtype=torch.float64)])
         if is_distributed():
             _, sums = reduce_decision_scalars(local[:0], local)
             assert sums is not None
             local = sums
             all_reduce_sum_(grad_sums)
+        samples = float(local[1])
         if grad_sums:
-            torch._foreach_div_(grad_sums, float(local[1]))
-        return local[0] / local[1]
+            torch._foreach_div_(grad_sums, samples)
+        return local[0] / local[1], round(samples)
 
     def closure(self) -> Tensor:
         """The closure for :meth:`ConjugateGradient.step`: loss and gradient at the current parameters.

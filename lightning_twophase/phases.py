@@ -175,6 +175,9 @@ class Phase:
     def begin_probe(self, trainer: pl.Trainer) -> None:
         """Keep the batches of the next check interval for a probe (asked for by the detector, agreed across ranks)."""
 
+    def count_compute(self, trainer: pl.Trainer) -> None:
+        """Training ends: add the compute not counted yet to the record (a collective: every rank calls it)."""
+
     def close(self) -> None:
         """Training ends: release what the phase keeps (kept batches)."""
 
@@ -228,6 +231,7 @@ class FirstPhase(Phase):
         self._losses: list[Tensor] = []
         self._norms: list[Tensor] = []
         self._steps = 0
+        self._samples = 0  # this rank's, since the last check: added up over the ranks at the check
 
     def state_dict(self) -> dict[str, Any]:
         # A checkpoint written between two checks (at a mid-epoch validation, say) carries what was added up so far,
@@ -237,6 +241,7 @@ class FirstPhase(Phase):
             if self._losses
             else [None, 0, None, 0],
             "probe_pending": self._probe is not None or self._probe_on_resume,
+            "pending_samples": self._samples,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -247,6 +252,7 @@ class FirstPhase(Phase):
         self._norms = [torch.tensor(norm_sum / norms)] * norms if norms else []
         # The probe goes on over the rest of its interval (the batches it kept before the checkpoint are not in it).
         self._probe_on_resume = bool(state.get("probe_pending", False))
+        self._samples = int(state.get("pending_samples", 0))
 
     def begin_probe(self, trainer: pl.Trainer) -> None:
         if self._new_probe is not None:
@@ -283,7 +289,7 @@ class FirstPhase(Phase):
         loss = step_loss(outputs)
         if loss is not None:
             self._losses.append(loss)
-            self.record.compute += trainer.world_size * 3 * _batch_size(batch)
+            self._samples += _batch_size(batch)
         return None
 
     def measure(self, trainer: pl.Trainer) -> tuple[float, float] | None:
@@ -294,10 +300,23 @@ class FirstPhase(Phase):
         loss = undo_accumulation(loss, trainer)
         norms = [value.to(loss.device, torch.float32) for value in self._norms]  # restored sums live on the CPU
         norm = torch.stack(norms).mean() if norms else torch.full_like(loss, math.nan)
+        # Float64 keeps sample counts exact (MPS has no float64; its counts stay below float32's 2**24 per check).
+        dtype = torch.float32 if loss.device.type == "mps" else torch.float64
+        samples = loss.new_tensor(float(self._samples), dtype=dtype)
         self._reset()
-        reduced = trainer.strategy.reduce(torch.stack([loss, norm.to(loss.device)]), reduce_op="mean")
-        mean_loss, mean_norm = (float(v) for v in reduced.tolist())  # the one host synchronisation per check
+        values = torch.stack([loss.to(dtype), norm.to(loss.device, dtype), samples])
+        reduced = trainer.strategy.reduce(values, reduce_op="mean")
+        mean_loss, mean_norm, mean_samples = (float(v) for v in reduced.tolist())  # one host sync per check
+        # Each rank's own samples, added up over the ranks: the same compute on every rank, whatever the shards.
+        self.record.compute += 3 * round(mean_samples * trainer.world_size)
         return mean_loss, mean_norm
+
+    def count_compute(self, trainer: pl.Trainer) -> None:
+        # Training ends between two checks: the samples since the last one, added up over the ranks.
+        samples = torch.tensor(float(self._samples), dtype=torch.float64)
+        total = trainer.strategy.reduce(samples.to(trainer.strategy.root_device), reduce_op="sum")
+        self.record.compute += 3 * round(float(total))
+        self._samples = 0
 
     def decide(self, trainer: pl.Trainer, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
         if self.detector is None:
@@ -502,7 +521,8 @@ class CGPhase(Phase):
         return decision
 
     def _after_step(self, trainer: pl.Trainer, step: MacroBatchStep) -> PhaseDecision | None:
-        self.record.compute += trainer.world_size * (step.forward_samples + 2 * step.backward_samples)
+        # Sample counts over all ranks (the objective reduced them): the same compute on every rank.
+        self.record.compute += step.forward_samples + 2 * step.backward_samples
         if step.non_finite is not None:
             # Never hand a non-finite objective to a gradient method (the fallback): stop, weights intact.
             where = f" on batches {step.non_finite_batches} of epoch {trainer.current_epoch}"

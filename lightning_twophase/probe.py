@@ -105,7 +105,7 @@ class CGProbe:
                         start_loss = float(loss)
                     diagnostics = getattr(optimizer, "diagnostics", None)
                     losses.append(float(diagnostics.new_loss) if diagnostics is not None else float(objective.value()))
-                    computes.append(trainer.world_size * (objective.forward_samples + 2 * objective.backward_samples))
+                    computes.append(objective.forward_samples + 2 * objective.backward_samples)  # over all ranks
         except NonFiniteObjectiveError:
             pass  # no progress to measure; the weights go back below
         finally:
@@ -114,7 +114,7 @@ class CGProbe:
             for p, grad in zip(params, grads):
                 p.grad = grad
             objective.clear()
-        compute = float(trainer.world_size * (objective.forward_samples + 2 * objective.backward_samples))
+        compute = float(objective.forward_samples + 2 * objective.backward_samples)
         if not computes or computes[-1] != compute:  # an iteration that raised still cost its compute
             losses.append(math.nan)
             computes.append(compute)
