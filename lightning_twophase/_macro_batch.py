@@ -7,12 +7,16 @@ rank-local; the batch's loss and gradient are added up (weighted by batch size) 
 batch of the macro-batch (``batches_per_step`` batches, or the rest of the epoch) the sums are added up across ranks
 and the wrapped optimizer takes one step on :class:`~lightning_twophase.objective.TrainingObjective`: its start point
 is known from the accumulated pass, and its line search evaluates trial points on the kept batches. Each such step
-hands one :class:`MacroBatchStep` to the CG phase.
+hands one :class:`MacroBatchStep` to the CG phase, with what the CG phase's checks need whatever the optimizer (the
+loss where the step started and the norm of the macro-batch's gradient there): the same check path for
+``ConjugateGradient`` and for any optimizer of ``optimizer_factory``. A start that is not finite is never stepped on,
+and a step that leaves non-finite weights is undone.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -24,7 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_twophase.objective import TrainingObjective
-from lightning_twophase.optim.conjugate_gradient import NonFiniteObjectiveError, StepDiagnostics
+from lightning_twophase.optim.conjugate_gradient import ConjugateGradient, NonFiniteObjectiveError, StepDiagnostics
 
 __all__ = ["MacroBatchStep"]  # the adapter itself is private to the CG phase
 
@@ -37,7 +41,12 @@ class MacroBatchStep:
     """What one step on a macro-batch did.
 
     Attributes:
-        diagnostics: the wrapped optimizer's diagnostics, if it keeps any (``ConjugateGradient`` does).
+        loss: the mean loss over the macro-batch (of every rank) where the step started, from the training loop's
+            own pass.
+        grad_norm: the norm of the mean gradient over the macro-batch there.
+        failed: whether the step made no progress: its line search failed (``ConjugateGradient``), or it left
+            non-finite weights, which were put back.
+        diagnostics: the wrapped optimizer's diagnostics, if it keeps any (``ConjugateGradient`` does): extras.
         non_finite: why no step was taken, if the loss or gradient where it would have started was not finite (the
             parameters are unchanged).
         non_finite_batches: indices of the batches (on this rank) whose loss was not finite.
@@ -47,6 +56,9 @@ class MacroBatchStep:
 
     """
 
+    loss: float
+    grad_norm: float
+    failed: bool
     diagnostics: StepDiagnostics | None
     non_finite: str | None
     non_finite_batches: list[int]
@@ -104,6 +116,8 @@ class _MacroBatchOptimizer(Optimizer):
         self._grad_sum: list[Tensor] | None = None
         self._loss_sum: Tensor | None = None
         self._finite: list[tuple[int, Tensor]] = []  # (batch_idx, whether its loss was finite), read once per step
+        # Only ConjugateGradient promises finite weights after every step; other optimizers' steps are checked.
+        self._guard_weights = not isinstance(optimizer, ConjugateGradient)
         #: Macro-batch steps taken (also the iteration counter of the random seeds; saved with the state).
         self.steps = 0
 
@@ -154,6 +168,7 @@ class _MacroBatchOptimizer(Optimizer):
         # The start point: the exact sample-weighted means over the macro-batch of every rank.
         mean, loop_samples = self.objective.global_mean_(self._loss_sum, self.objective.num_samples, self._grad_sum)
         start_loss = float(mean)
+        grad_norm = _norm(self._grad_sum)
         for p, mean_grad in zip(self._params, self._grad_sum):
             if p.grad is None:
                 p.grad = mean_grad.clone()
@@ -161,14 +176,19 @@ class _MacroBatchOptimizer(Optimizer):
                 p.grad.copy_(mean_grad)
         forward_before, backward_before = self.objective.forward_samples, self.objective.backward_samples
         non_finite_batches = [index for index, finite in self._finite if not bool(finite)]
-        self.objective.set_start(start_loss)
         non_finite = None
+        failed = False
+        diagnostics = None
         try:
-            with self.objective.side_effects_suspended():
-                if self._accepts_value_closure:
-                    self.optimizer.step(self.objective.closure, value_closure=self.objective.value)
-                else:
-                    self.optimizer.step(self.objective.closure)
+            if not (math.isfinite(start_loss) and math.isfinite(grad_norm)):
+                # Never hand a non-finite start to an optimizer, whichever it is: no step, the weights untouched.
+                what = "loss" if not math.isfinite(start_loss) else "gradient"
+                non_finite = (
+                    f"The {what} is not finite where the step starts (loss {start_loss}, gradient norm {grad_norm}); "
+                    "the parameters were left unchanged."
+                )
+            else:
+                failed, diagnostics = self._step(start_loss)
         except NonFiniteObjectiveError as error:
             non_finite = str(error)
         finally:
@@ -177,8 +197,27 @@ class _MacroBatchOptimizer(Optimizer):
             self.discard()
         self.steps += 1
         self.objective.iteration = self.steps
+        self._on_step(
+            MacroBatchStep(
+                start_loss, grad_norm, failed, diagnostics, non_finite, non_finite_batches, forward, backward
+            )
+        )
+
+    def _step(self, start_loss: float) -> tuple[bool, StepDiagnostics | None]:
+        """One step of the wrapped optimizer from the accumulated start; whether it failed, and its diagnostics."""
+        self.objective.set_start(start_loss)
+        weights = [p.detach().clone() for p in self._params] if self._guard_weights else []
+        with self.objective.side_effects_suspended():
+            if self._accepts_value_closure:
+                self.optimizer.step(self.objective.closure, value_closure=self.objective.value)
+            else:
+                self.optimizer.step(self.objective.closure)
         diagnostics = getattr(self.optimizer, "diagnostics", None)
-        self._on_step(MacroBatchStep(diagnostics, non_finite, non_finite_batches, forward, backward))
+        diagnostics = diagnostics if isinstance(diagnostics, StepDiagnostics) else None
+        if weights and not all(bool(torch.isfinite(p).all()) for p in self._params):
+            torch._foreach_copy_([p.detach() for p in self._params], weights)
+            return True, diagnostics  # a step into NaN or inf made no progress: undone
+        return (diagnostics.failed if diagnostics is not None else False), diagnostics
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Parameters added after the swap (``BaseFinetuning`` unfreezing a layer) join the macro-batch gradient and
@@ -236,3 +275,12 @@ class _MacroBatchOptimizer(Optimizer):
             self._warn(
                 f"ConvexitySwapCallback: the CG options changed since the checkpoint ({described}); the new ones apply."
             )
+
+
+def _norm(tensors: list[Tensor]) -> float:
+    """The global L2 norm of a list of tensors (one host synchronisation)."""
+    if not tensors:
+        return 0.0
+    norms = [n.to(torch.float64) for n in torch._foreach_norm(tensors)]
+    device = norms[0].device
+    return float(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])))

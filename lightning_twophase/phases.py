@@ -531,27 +531,24 @@ class CGPhase(Phase):
                 f"{trainer.global_step}, with the weights as they were before the step. The training loss was not "
                 f"finite{where if step.non_finite_batches else ''}. {step.non_finite}"
             )
+        # Every second-phase optimizer goes through the same checks: the step's start loss and gradient norm.
+        self._points.append((step.loss, step.grad_norm))
+        scalars = {tags.CG_LOSS: step.loss, tags.CG_GRAD_NORM: step.grad_norm, tags.COMPUTE: self.record.compute}
         diagnostics = step.diagnostics
-        if diagnostics is None:
-            return None
-        self._points.append((diagnostics.loss, diagnostics.grad_norm))
-        totals = getattr(self.optimizer, "totals", {})
-        monitoring.log_scalars(
-            trainer,
-            {
-                tags.CG_LOSS: diagnostics.loss,
-                tags.CG_GRAD_NORM: diagnostics.grad_norm,
-                tags.CG_STEP_SIZE: diagnostics.step_size,
-                tags.CG_BETA: diagnostics.beta,
-                tags.CG_GRADIENT_EVALUATIONS: float(diagnostics.gradient_evaluations),
-                tags.CG_VALUE_EVALUATIONS: float(diagnostics.value_evaluations),
-                tags.CG_RESTARTS: float(totals.get("restarts", 0)),
-                tags.CG_LINE_SEARCH_FAILURES: float(totals.get("line_search_failures", 0)),
-                tags.COMPUTE: self.record.compute,
-            },
-            trainer.global_step,
-        )
-        return self._fallback_decision(self.policy.iteration(diagnostics.failed))
+        if diagnostics is not None:  # ConjugateGradient's extras
+            totals = getattr(self.optimizer, "totals", {})
+            scalars.update(
+                {
+                    tags.CG_STEP_SIZE: diagnostics.step_size,
+                    tags.CG_BETA: diagnostics.beta,
+                    tags.CG_GRADIENT_EVALUATIONS: float(diagnostics.gradient_evaluations),
+                    tags.CG_VALUE_EVALUATIONS: float(diagnostics.value_evaluations),
+                    tags.CG_RESTARTS: float(totals.get("restarts", 0)),
+                    tags.CG_LINE_SEARCH_FAILURES: float(totals.get("line_search_failures", 0)),
+                }
+            )
+        monitoring.log_scalars(trainer, scalars, trainer.global_step)
+        return self._fallback_decision(self.policy.iteration(step.failed))
 
     def _fallback_decision(self, decision: FallbackDecision) -> PhaseDecision | None:
         if not decision.fall_back:

@@ -594,6 +594,10 @@ class KeepsNestedState(TinyClassifier):
         return self.per_epoch, self.tracker.count, self.tracker.summary.tolist()
 
 
+def lbfgs(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return torch.optim.LBFGS(groups, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
+
+
 def probing_callback(**kwargs: Any) -> ConvexitySwapCallback:
     """The default callback with a probe at once and a margin any probe clears: probes, then the swap."""
     detector = ProbeDetector(first_probe_epoch=1, probe_iterations=2, window=3, margin=1e-9, spacing=(1.25, 1.5))
@@ -650,3 +654,37 @@ def test_nested_module_state_changed_at_trial_points_is_put_back(make_callback, 
     assert all(torch.equal(a, b) for a, b in zip(unguarded, guarded))
     batches = 8  # 240 samples in batches of 32
     assert [entry[1] for entry in state[0]] == [batches] * epochs
+
+
+def test_an_optimizer_factorys_steps_are_checked_and_fall_back_on_a_rising_loss():
+    """optimizer_factory (L-BFGS): history, the loss and the fallback rules work as for conjugate gradient."""
+    callback = ConvexitySwapCallback(
+        fixed_swap_epoch=1, optimizer_factory=lbfgs, fallback_loss_window=5, fallback_progress_window=None
+    )
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=12, precision="64-true"))
+    with pytest.warns(UserWarning, match="the training loss rose over 5 CG checks"):
+        trainer.fit(DriftingLogisticRegression(1e-2))
+    phases = [record["phase"] for record in callback.history]
+    assert phases[0] == "first" and phases.count("cg") > 5 and callback.phase == "fallback"
+    cg = [record for record in callback.history if record["phase"] == "cg"]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in cg)
+    assert [r["compute"] for r in cg] == sorted(r["compute"] for r in cg) and cg[0]["compute"] > 0
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam)
+
+
+def test_an_optimizer_factory_never_steps_from_a_non_finite_start():
+    from lightning_twophase import NonFiniteObjectiveError
+
+    model = NaNFromEpoch(nan_from_epoch=2)
+    before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=lbfgs)
+    trainer = pl.Trainer(callbacks=[callback, Snapshot()], **trainer_kwargs(max_epochs=4))
+    with pytest.raises(NonFiniteObjectiveError, match=r"batches \[2, 5\] of epoch 2"):
+        trainer.fit(model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
