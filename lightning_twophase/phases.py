@@ -188,6 +188,10 @@ class Phase:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from what :meth:`state_dict` wrote."""
 
+    def continue_from(self, previous: Phase) -> None:
+        """Another fit goes on with this phase, rebuilt from ``previous`` (the phase the last fit ended in): take over
+        what a checkpoint would have restored after ``on_fit_start``."""
+
 
 class FirstPhase(Phase):
     """Train with the first-phase optimizer; measure the loss and gradient norm, and ask the detector at each check.
@@ -589,6 +593,12 @@ class CGPhase(Phase):
         rank_zero_warn(message)
         monitoring.log_text(trainer, tags.FALLBACK_TEXT, message, trainer.global_step)
         return self.successor(epoch)
+
+    def continue_from(self, previous: Phase) -> None:
+        # What Lightning restores from a checkpoint after on_fit_start: the CG optimizer's state (direction,
+        # preconditioner, counts).
+        if isinstance(previous, CGPhase):
+            self.adapter.load_state_dict(previous.adapter.state_dict())
 
     def _add_to_first_optimizer(self, params: list[Tensor]) -> None:
         # The fallback's optimizer trains them too, with its own defaults.
