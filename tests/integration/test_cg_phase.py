@@ -608,6 +608,26 @@ def weights(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize(
+    ("model", "kwargs"),
+    [
+        (CarriedGRU, {}),
+        (CheckpointedClassifier, {"optimizer_kwargs": {"line_search": "strong_wolfe"}}),
+        (KeepsNestedState, {}),
+        (TinyClassifier, {"optimizer_factory": lbfgs}),
+    ],
+    ids=["carried-rnn-state", "reentrant-checkpointing", "nested-module-state", "lbfgs-factory"],
+)
+def test_the_default_callback_probes_swaps_and_runs_the_cg_phase_on_models_that_do_more(model, kwargs):
+    callback = probing_callback(**kwargs)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=6))
+    trainer.fit(model())
+    # The rule's window of 3 checks, a probe over epoch 4: the swap at its end, two CG epochs.
+    assert callback._record.probe_compute > 0 and callback.swap_epoch == 4 and callback.phase == "cg"
+    cg_checks = [record for record in callback.history if record["phase"] == "cg"]
+    assert len(cg_checks) == 2 and all(math.isfinite(record["loss"]) for record in cg_checks)
+
+
 def test_a_carried_rnn_state_evaluates_batch_by_batch_with_the_numbers_of_trial_batching_batches():
     results = []
     for trial_batching in ("auto", "batches"):
