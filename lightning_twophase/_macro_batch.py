@@ -185,7 +185,7 @@ class _MacroBatchOptimizer(Optimizer):
                 what = "loss" if not math.isfinite(start_loss) else "gradient"
                 non_finite = (
                     f"The {what} is not finite where the step starts (loss {start_loss}, gradient norm {grad_norm}); "
-                    "the parameters were left unchanged."
+                    "the parameters were left unchanged. Check the data and the model for overflow."
                 )
             else:
                 failed, diagnostics = self._step(start_loss)
