@@ -17,7 +17,8 @@ by :func:`copy.deepcopy`.
 Kept by reference, not copied (the limits, named in the support matrix): modules, parameters, buffers and tensors
 sharing their memory, callables, objects of torch and Lightning types other than tensors, objects ``copy.deepcopy``
 cannot copy (reported once), and tensors or numpy arrays larger than :data:`COPY_LIMIT_BYTES`: a large tensor changed
-in place is detected by its version counter and reported, a large numpy array changed in place is not detected.
+in place is detected by its version counter and reported, a large numpy array changed in place is not detected. A
+tensor is taken as unchanged while its version counter is: a change written through ``.data`` is not seen.
 Effects outside the module are not undone either. ``lightning_twophase.is_trial_evaluation()`` lets ``training_step``
 skip such changes at trial points.
 
