@@ -7,16 +7,20 @@ rank-local; the batch's loss and gradient are added up (weighted by batch size) 
 batch of the macro-batch (``batches_per_step`` batches, or the rest of the epoch) the sums are added up across ranks
 and the wrapped optimizer takes one step on :class:`~lightning_twophase.objective.TrainingObjective`: its start point
 is known from the accumulated pass, and its line search evaluates trial points on the kept batches. Each such step
-hands one :class:`MacroBatchStep` to the CG phase.
+hands one :class:`MacroBatchStep` to the CG phase, with what the CG phase's checks need whatever the optimizer (the
+loss where the step started and the norm of the macro-batch's gradient there): the same check path for
+``ConjugateGradient`` and for any optimizer of ``optimizer_factory``. A start that is not finite is never stepped on,
+and a step that leaves non-finite weights is undone.
 
 Under loss scaling (16-mixed with a GradScaler) the loop's passes give scaled gradients: their sums are unscaled once
 added up across ranks, and if they overflowed the start point's gradient is evaluated again at a lowered scale by the
-objective instead (:mod:`lightning_twophase._scaling`). No batch of the macro-batch is left out.
+objective (:mod:`lightning_twophase._scaling`). No batch of the macro-batch is left out.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -27,8 +31,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_twophase.objective import ModuleState, TrainingObjective
-from lightning_twophase.optim.conjugate_gradient import NonFiniteObjectiveError, StepDiagnostics
+from lightning_twophase.objective import TrainingObjective
+from lightning_twophase.optim.conjugate_gradient import ConjugateGradient, NonFiniteObjectiveError, StepDiagnostics
 
 __all__ = ["MacroBatchStep"]  # the adapter itself is private to the CG phase
 
@@ -41,16 +45,24 @@ class MacroBatchStep:
     """What one step on a macro-batch did.
 
     Attributes:
-        diagnostics: the wrapped optimizer's diagnostics, if it keeps any (``ConjugateGradient`` does).
+        loss: the mean loss over the macro-batch (of every rank) where the step started, from the training loop's
+            own pass.
+        grad_norm: the norm of the mean gradient over the macro-batch there.
+        failed: whether the step made no progress: its line search failed (``ConjugateGradient``), or it left
+            non-finite weights, which were put back.
+        diagnostics: the wrapped optimizer's diagnostics, if it keeps any (``ConjugateGradient`` does): extras.
         non_finite: why no step was taken, if the loss or gradient where it would have started was not finite (the
             parameters are unchanged).
         non_finite_batches: indices of the batches (on this rank) whose loss was not finite.
-        forward_samples: samples this rank passed forward for the macro-batch: the training loop's passes and the
-            trial evaluations.
-        backward_samples: samples this rank passed backward.
+        forward_samples: samples passed forward for the macro-batch, over all ranks: the training loop's passes and
+            the trial evaluations.
+        backward_samples: samples passed backward, over all ranks.
 
     """
 
+    loss: float
+    grad_norm: float
+    failed: bool
     diagnostics: StepDiagnostics | None
     non_finite: str | None
     non_finite_batches: list[int]
@@ -70,7 +82,6 @@ class _MacroBatchOptimizer(Optimizer):
         batches_per_step: mini-batches per macro-batch; ``None`` means the whole epoch (full-batch, the paper's CG).
         loop_pass: a context for the training loop's own pass, in which its backward leaves the gradient rank-local
             (DDP's ``no_sync``): the sums are added up across ranks once per macro-batch instead.
-        capture_state: the module's plain attributes before a loop's pass, for the trial evaluations of that batch.
         on_params_added: told of parameters added to the optimizer after the swap (the fallback's optimizer must
             know them too).
         warn: how to warn (rank zero only, in a Trainer).
@@ -85,7 +96,6 @@ class _MacroBatchOptimizer(Optimizer):
         on_step: Callable[[MacroBatchStep], None],
         batches_per_step: int | None = None,
         loop_pass: Callable[[], AbstractContextManager[Any]] = nullcontext,
-        capture_state: Callable[[], ModuleState | None] = lambda: None,
         on_params_added: Callable[[list[Tensor]], None] = lambda params: None,
         warn: Callable[[str], None] = warnings.warn,
     ) -> None:
@@ -103,7 +113,6 @@ class _MacroBatchOptimizer(Optimizer):
         self._current_batch = current_batch
         self._on_step = on_step
         self._loop_pass = loop_pass
-        self._capture_state = capture_state
         self._on_params_added = on_params_added
         self._warn = warn
         self._accepts_value_closure = "value_closure" in inspect.signature(optimizer.step).parameters
@@ -111,7 +120,8 @@ class _MacroBatchOptimizer(Optimizer):
         self._grad_sum: list[Tensor] | None = None
         self._loss_sum: Tensor | None = None
         self._finite: list[tuple[int, Tensor]] = []  # (batch_idx, whether its loss was finite), read once per step
-        self._loop_samples = 0
+        # Only ConjugateGradient promises finite weights after every step; other optimizers' steps are checked.
+        self._guard_weights = not isinstance(optimizer, ConjugateGradient)
         #: Macro-batch steps taken (also the iteration counter of the random seeds; saved with the state).
         self.steps = 0
 
@@ -119,7 +129,6 @@ class _MacroBatchOptimizer(Optimizer):
         """Drop a partly accumulated macro-batch (the epoch ended early, or training was interrupted)."""
         self.objective.clear()
         self._loss_sum = None
-        self._loop_samples = 0
         self._finite.clear()
         if self._grad_sum is not None:
             torch._foreach_zero_(self._grad_sum)
@@ -132,14 +141,13 @@ class _MacroBatchOptimizer(Optimizer):
                 "The CG phase's optimizer needs the training loop's closure (forward and backward of the batch)."
             )
         batch, batch_idx, last_in_epoch = self._current_batch()
-        state = self._capture_state()
+        state = self.objective.snapshot_state()  # the module's data as the loop's pass of this batch finds it
         with self.objective.seeded(len(self.objective)), self._loop_pass():
             loss = closure()
         if loss is not None:
             size = self.objective.add(batch, batch_idx, state)
             self._accumulate(loss, size)
             self._finite.append((batch_idx, torch.isfinite(loss.detach())))
-            self._loop_samples += size
         full = self.batches_per_step is not None and len(self.objective) >= self.batches_per_step
         if full or last_in_epoch:
             self.finish()
@@ -162,26 +170,33 @@ class _MacroBatchOptimizer(Optimizer):
             return
         assert self._grad_sum is not None and self._loss_sum is not None
         # The start point: the exact sample-weighted means over the macro-batch of every rank.
-        start_loss = float(self.objective.global_mean_(self._loss_sum, self.objective.num_samples, self._grad_sum))
+        mean, loop_samples = self.objective.global_mean_(self._loss_sum, self.objective.num_samples, self._grad_sum)
+        start_loss = float(mean)
         for p, mean_grad in zip(self._params, self._grad_sum):
             if p.grad is None:
                 p.grad = mean_grad.clone()
             else:
                 p.grad.copy_(mean_grad)
         forward_before, backward_before = self.objective.forward_samples, self.objective.backward_samples
-        loop_samples = self._loop_samples
-        non_finite_batches = [index for index, finite in self._finite if not bool(finite)]
-        # Under loss scaling, an overflow of the loop's scaled gradients leaves the start unknown: the optimizer's
-        # first closure call evaluates it again at the lowered scale.
-        if not self.objective.unscale_gradient(start_loss):
-            self.objective.set_start(start_loss)
-        non_finite = None
-        try:
+        if self.objective.unscale_gradient(start_loss):
+            # Under loss scaling the loop's scaled gradients overflowed: the start's again, at the lowered scale.
             with self.objective.side_effects_suspended():
-                if self._accepts_value_closure:
-                    self.optimizer.step(self.objective.closure, value_closure=self.objective.value)
-                else:
-                    self.optimizer.step(self.objective.closure)
+                start_loss = float(self.objective.value_and_gradient())
+        grad_norm = _norm([p.grad for p in self._params])  # type: ignore[misc]
+        non_finite_batches = [index for index, finite in self._finite if not bool(finite)]
+        non_finite = None
+        failed = False
+        diagnostics = None
+        try:
+            if not (math.isfinite(start_loss) and math.isfinite(grad_norm)):
+                # Never hand a non-finite start to an optimizer, whichever it is: no step, the weights untouched.
+                what = "loss" if not math.isfinite(start_loss) else "gradient"
+                non_finite = (
+                    f"The {what} is not finite where the step starts (loss {start_loss}, gradient norm {grad_norm}); "
+                    "the parameters were left unchanged. Check the data and the model for overflow."
+                )
+            else:
+                failed, diagnostics = self._step(start_loss)
         except NonFiniteObjectiveError as error:
             non_finite = str(error)
         finally:
@@ -190,8 +205,27 @@ class _MacroBatchOptimizer(Optimizer):
             self.discard()
         self.steps += 1
         self.objective.iteration = self.steps
+        self._on_step(
+            MacroBatchStep(
+                start_loss, grad_norm, failed, diagnostics, non_finite, non_finite_batches, forward, backward
+            )
+        )
+
+    def _step(self, start_loss: float) -> tuple[bool, StepDiagnostics | None]:
+        """One step of the wrapped optimizer from the accumulated start; whether it failed, and its diagnostics."""
+        self.objective.set_start(start_loss)
+        weights = [p.detach().clone() for p in self._params] if self._guard_weights else []
+        with self.objective.side_effects_suspended():
+            if self._accepts_value_closure:
+                self.optimizer.step(self.objective.closure, value_closure=self.objective.value)
+            else:
+                self.optimizer.step(self.objective.closure)
         diagnostics = getattr(self.optimizer, "diagnostics", None)
-        self._on_step(MacroBatchStep(diagnostics, non_finite, non_finite_batches, forward, backward))
+        diagnostics = diagnostics if isinstance(diagnostics, StepDiagnostics) else None
+        if weights and not all(bool(torch.isfinite(p).all()) for p in self._params):
+            torch._foreach_copy_([p.detach() for p in self._params], weights)
+            return True, diagnostics  # a step into NaN or inf made no progress: undone
+        return (diagnostics.failed if diagnostics is not None else False), diagnostics
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Parameters added after the swap (``BaseFinetuning`` unfreezing a layer) join the macro-batch gradient and
@@ -249,3 +283,12 @@ class _MacroBatchOptimizer(Optimizer):
             self._warn(
                 f"ConvexitySwapCallback: the CG options changed since the checkpoint ({described}); the new ones apply."
             )
+
+
+def _norm(tensors: list[Tensor]) -> float:
+    """The global L2 norm of a list of tensors (one host synchronisation)."""
+    if not tensors:
+        return 0.0
+    norms = [n.to(torch.float64) for n in torch._foreach_norm(tensors)]
+    device = norms[0].device
+    return float(torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms])))

@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -66,6 +67,13 @@ class ConvexitySwapCallback(Callback):
     in ``trainer.callback_metrics`` (``twophase/swap_epoch``, ``twophase/swap_step``, ``twophase/phase``), which is
     what reaches the launching process under ``strategy="ddp_spawn"``.
 
+    Like Lightning's own stateful callbacks (``EarlyStopping``, ``StochasticWeightAveraging``), the callback describes
+    one run: passed to another ``fit`` (the same Trainer with more epochs, or a new Trainer on the trained model), it
+    goes on where the last fit left it, as if resumed from a checkpoint written at its end. After a swap the new fit
+    trains with conjugate gradient (its optimizer state carried over), the first optimizer of the new
+    ``configure_optimizers`` getting the old one's state for a fallback; the history and the compute go on. For a
+    fresh start, make a new callback.
+
     Args:
         detector: ``"probe"`` (the default rule), ``"paper"`` (Algorithm 1 as published), or any object with the
             methods of :class:`~lightning_twophase.SwapDetector`, used as it is.
@@ -102,10 +110,12 @@ class ConvexitySwapCallback(Callback):
             checks, the CG phase decreases the loss more slowly per unit of compute than the first optimizer did
             before the swap and is not ahead of where the first optimizer would be (``None``: never for these
             reasons).
-        max_cached_bytes: a macro-batch's batches stay on the training device up to this many bytes; the rest wait in
-            host memory during the iteration.
+        max_cached_bytes: a macro-batch's batches stay on the training device up to this many bytes, the module's data
+            saved for each of them (:mod:`~lightning_twophase.module_state`) included; the rest wait in host memory
+            during the iteration.
         trial_batching: how line-search trials evaluate the kept batches: ``"auto"`` (in one concatenated chunk if
-            that gives the same loss as batch by batch, checked once), ``"chunks"`` or ``"batches"``.
+            that gives the same loss as batch by batch, checked once; a chunk that raises means batch by batch, and
+            the attempt leaves no trace), ``"chunks"`` or ``"batches"``.
         log_figures: draw the norm-vs-loss figure (needs matplotlib) at the swap and at the end of training.
 
     Raises:
@@ -174,6 +184,7 @@ class ConvexitySwapCallback(Callback):
             self._phases.detector = settings.build_detector(self._detector_name, self._detection)
         self._phase: Phase = self._phases.first()
         self._resumed_phase: dict[str, Any] | None = None
+        self._fitted = False
         self._last_check = 0
 
     @property
@@ -243,6 +254,26 @@ class ConvexitySwapCallback(Callback):
             # After the swap this installs CG now, before Lightning restores the optimizer states.
             state, self._resumed_phase = self._resumed_phase, None
             self._phase = self._phases.restore(state["phase"], state, trainer, pl_module)
+        elif self._fitted:
+            self._continue(trainer, pl_module)
+        self._fitted = True
+
+    def _continue(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Another fit with this callback: rebuild the phase the last fit ended in on this fit's Trainer and optimizer,
+        from what a checkpoint written at the end of the last fit would hold, so that what trains, ``phase`` and the
+        checks agree."""
+        previous = self._phase
+        state = {"phase": previous.name, **previous.state_dict()}
+        previous.close()
+        try:
+            self._phase = self._phases.restore(previous.name, state, trainer, pl_module)
+            self._phase.continue_from(previous)
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise MisconfigurationException(
+                f"ConvexitySwapCallback: this callback's last fit ended in its {previous.name!r} phase, and the "
+                f"optimizer state of that phase does not fit this fit's model ({type(error).__name__}: {error}). "
+                "A callback describes one run: pass a new ConvexitySwapCallback to train another model."
+            ) from error
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -324,6 +355,7 @@ class ConvexitySwapCallback(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._phase.count_compute(trainer)
         self._phase.close()
         set_callback_metric(trainer, tags.PHASE, tags.PHASE_VALUES[self.phase])
         write_run_outputs(trainer, self._record, self.detector, self.log_figures)

@@ -9,10 +9,12 @@ other randomness in ``training_step`` repeat too.
 Python's ``random`` and numpy's global generator are seeded the same way.
 
 Trial evaluations leave no trace: ``self.log`` is silenced, module buffers (batch-norm statistics) and torchmetrics
-states are restored afterwards, and so are the module's plain attributes (a list ``training_step`` appends to, a
-state it carries from one step to the next): each trial evaluation of a batch starts from the attributes the training
+states are restored afterwards, and so is the data in the attributes of the module and its submodules
+(:class:`~lightning_twophase.module_state.ModuleState`: a list ``training_step`` appends to, a state it carries from
+one step to the next, a child module's counter): each trial evaluation of a batch starts from the data the training
 loop's pass of that batch saw. :func:`is_trial_evaluation` tells user code which evaluation it is in. DDP's gradient
-hooks are not involved (gradients come from ``torch.autograd.grad``), and under data parallelism the objective and its
+hooks are not involved (gradients come from ``torch.autograd.grad``, or from ``backward()`` outside DDP's forward
+where a model needs it: reentrant activation checkpointing), and under data parallelism the objective and its
 gradient are the mean over every sample of every rank, whatever the shard sizes. Under ``precision="16-mixed"`` with a
 GradScaler the gradient comes from the scaled loss and is unscaled once added up across ranks; an overflow lowers the
 scale and evaluates it again (see :mod:`lightning_twophase._scaling`).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -35,12 +38,13 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 
 from lightning_twophase._lightning import grad_scaler, logging_suppressed
 from lightning_twophase._scaling import LossScaling
+from lightning_twophase.module_state import ModuleState
 from lightning_twophase.optim.distributed import all_reduce_sum_, is_distributed, reduce_decision_scalars
 
 __all__ = [
@@ -48,8 +52,6 @@ __all__ = [
     "batch_nbytes",
     "is_trial_evaluation",
     "lightning_objective",
-    "module_state",
-    "restore_module_state",
     "training_step_loss",
 ]
 
@@ -72,42 +74,10 @@ def is_trial_evaluation() -> bool:
                 self.training_step_outputs.append(loss.detach())
             return loss
 
-    (The module's plain attributes are restored after trial evaluations anyway; this is for effects elsewhere.)
+    (The data in the module's attributes is restored after trial evaluations anyway, with the limits named in
+    :mod:`lightning_twophase.module_state`; this is for effects elsewhere, and for data beyond those limits.)
     """
     return _in_trial.get()
-
-
-#: A module's plain attributes: ``{name: (value, copy of its contents if it is a list, dict or set)}``.
-ModuleState = dict[str, tuple[Any, Any]]
-
-
-def module_state(module: nn.Module) -> ModuleState:
-    """The module's public attributes that are data: not submodules, parameters, buffers or methods."""
-    state: ModuleState = {}
-    for name, value in vars(module).items():
-        if name.startswith("_") or callable(value):
-            continue
-        contents = value.copy() if isinstance(value, (list, dict, set)) else None
-        state[name] = (value, contents)
-    return state
-
-
-def restore_module_state(module: nn.Module, state: ModuleState) -> None:
-    """Put the attributes back as ``state`` has them: the same objects, with the same contents; new ones removed.
-
-    Tensors changed in place are not restored (only reassigned ones are).
-    """
-    attributes = vars(module)
-    for name in [name for name in attributes if name not in state and not name.startswith("_")]:
-        if not callable(attributes[name]):
-            del attributes[name]
-    for name, (value, contents) in state.items():
-        attributes[name] = value
-        if isinstance(value, list):
-            value[:] = contents
-        elif contents is not None:
-            value.clear()
-            value.update(contents)
 
 
 #: ``loss_fn(batch, batch_idx)``: the loss of one stored batch, or ``None`` to skip it.
@@ -144,20 +114,24 @@ class TrainingObjective:
     Args:
         loss_fn: the loss of one batch, ``loss_fn(batch, batch_idx)`` (``None`` skips the batch).
         params: the parameters the optimizer updates (gradients are computed for these).
-        module: the module whose buffers and torchmetrics states trial evaluations must not change.
+        module: the module whose buffers, torchmetrics states and attribute data trial evaluations must not change.
         device: the training device (kept batches live there, and the random state forked there).
         to_device: moves a batch kept in host memory back to the device.
         rank: this process's rank (part of the per-batch seeds).
-        max_device_bytes: batches are kept on the training device while their total stays within this bound; the
-            rest wait in host memory and are copied back for each evaluation.
+        max_device_bytes: batches are kept on the training device while their total, with the module's data saved
+            for them (:meth:`snapshot_state`), stays within this bound; the rest wait in host memory and are copied
+            back for each evaluation. The module's data is saved for every batch while it fits in the bound too.
         seed: base of the per-batch random seeds.
         quiet: a context manager factory under which trial evaluations run (``self.log`` silenced, for instance).
         trial_batching: how forward-only evaluations go through the kept batches: ``"batches"`` one by one, as the
             training loop did; ``"chunks"`` concatenated into one chunk (fewer, larger calls: faster where a model is
             bound by kernel launches); ``"auto"`` tries both at the first evaluation and keeps chunks if they give the
             same value to ``1e-6`` (they do not with batch-norm in training mode, losses that are not sample means,
-            or randomness per batch).
-        inform: told which batching ``"auto"`` chose, and why.
+            randomness per batch, or a state carried from batch to batch). A chunk that cannot be formed or evaluated
+            (an exception) means batches; the attempt leaves no trace in the module, its buffers and metrics, or the
+            random generators.
+        inform: told which batching ``"auto"`` chose and why, and when gradients need ``backward()``.
+        warn: told of the module's data that cannot be saved or put back.
         scaling: the loss scaling of gradient evaluations (16-mixed with a GradScaler); ``None``: none.
 
     """
@@ -176,6 +150,7 @@ class TrainingObjective:
         quiet: Callable[[], AbstractContextManager[Any]] = nullcontext,
         trial_batching: str = "batches",
         inform: Callable[[str], None] = lambda message: None,
+        warn: Callable[[str], None] = warnings.warn,
         scaling: LossScaling | None = None,
     ) -> None:
         if trial_batching not in TRIAL_BATCHING:
@@ -191,13 +166,20 @@ class TrainingObjective:
         self.quiet = quiet
         self.trial_batching = trial_batching
         self.inform = inform
+        self.warn = warn
         self.scaling = scaling
+        #: How gradients are taken: ``"autograd"`` (``torch.autograd.grad``) until a model needs ``"backward"``.
+        self.gradient_mode = "autograd"
         self.iteration = 0
-        # (batch, batch_idx, size, on_device, the module's attributes before the loop's pass of the batch)
+        # (batch, batch_idx, size, on_device, the module's data before the loop's pass of the batch)
         self._batches: list[tuple[Any, int, int, bool, ModuleState | None]] = []
         self._device_bytes = 0
+        self._state_bytes = 0
+        self._last_state: ModuleState | None = None
+        self._states_fit = True
+        self._warned_states = False
         self._start_loss: float | None = None
-        #: Samples passed forward and backward by trial evaluations (for compute accounting).
+        #: Samples passed forward and backward by trial evaluations, over all ranks (for compute accounting).
         self.forward_samples = 0
         self.backward_samples = 0
 
@@ -213,12 +195,47 @@ class TrainingObjective:
     def __len__(self) -> int:
         return len(self._batches)
 
+    def snapshot_state(self) -> ModuleState | None:
+        """The module's data now, before the training loop's pass of the next batch, for :meth:`add`.
+
+        Unchanged attributes are shared with the previous batch's snapshot. The first batch of an iteration always gets
+        one; a later batch gets ``None`` once the snapshots and the batches on the device would exceed
+        ``max_device_bytes`` (with a warning): its trial evaluations then go on from the data the previous batch's
+        evaluation left, as the training loop's pass did.
+        """
+        if self._batches and not self._states_fit:
+            return None
+        state = ModuleState.capture(self.module, previous=self._last_state)
+        if state.notes:
+            self.warn(
+                "ConvexitySwapCallback: trial evaluations cannot put back these attributes of the module, which "
+                f"could not be copied: {'; '.join(state.notes)}. If training_step changes them, skip that at trial "
+                "points with `lightning_twophase.is_trial_evaluation()`."
+            )
+        if self._batches and self._device_bytes + self._state_bytes + state.nbytes > self.max_device_bytes:
+            self._states_fit = False
+            if not self._warned_states:
+                self._warned_states = True
+                self.warn(
+                    f"ConvexitySwapCallback: the module's data saved for each kept batch (about {state.nbytes} bytes "
+                    f"for this one, {self._state_bytes} so far) exceeds max_cached_bytes={self.max_device_bytes}: "
+                    f"from batch {len(self._batches)} of this iteration on, trial evaluations go on from the data the "
+                    "previous batch's evaluation left instead of the data the training loop's pass saw. Raise "
+                    "max_cached_bytes, or keep large data out of the module's attributes, or leave it unchanged at "
+                    "trial points with `lightning_twophase.is_trial_evaluation()`."
+                )
+            return None
+        return state
+
     def add(self, batch: Any, batch_idx: int, state: ModuleState | None = None) -> int:
-        """Keep a batch for this iteration and return its size; ``state``: the module's attributes before the training
-        loop's pass of this batch (see :func:`module_state`), which trial evaluations of the batch start from."""
+        """Keep a batch for this iteration and return its size; ``state``: the module's data before the training
+        loop's pass of this batch (:meth:`snapshot_state`), which trial evaluations of the batch start from."""
         size = extract_batch_size(batch)
         nbytes = batch_nbytes(batch)
-        on_device = self._device_bytes + nbytes <= self.max_device_bytes
+        if state is not None:
+            self._state_bytes += state.nbytes
+            self._last_state = state
+        on_device = self._device_bytes + self._state_bytes + nbytes <= self.max_device_bytes
         if on_device:
             self._device_bytes += nbytes
         else:
@@ -230,6 +247,9 @@ class TrainingObjective:
         """Drop the stored batches (the iteration is over)."""
         self._batches.clear()
         self._device_bytes = 0
+        self._state_bytes = 0
+        self._last_state = None
+        self._states_fit = True
         self._start_loss = None
 
     @contextmanager
@@ -270,26 +290,37 @@ class TrainingObjective:
         if not on_device:
             batch = self.to_device(batch)
         if state is not None:
-            restore_module_state(self.module, state)
+            state.restore(self._report)
         with self.seeded(position):
             loss = self.loss_fn(batch, batch_idx)
         return loss, size
 
+    def _report(self, problem: str) -> None:
+        self.warn(
+            f"ConvexitySwapCallback: {problem}. Skip that change at trial points with "
+            "`lightning_twophase.is_trial_evaluation()`."
+        )
+
     def value(self) -> Tensor:
         """The mean loss over the stored batches (forward passes only, no autograd graph)."""
-        chunked = self.trial_batching == "chunks"
         if self.trial_batching == "auto":
-            by_batch, by_chunk = self._forward_value(chunked=False), self._forward_value(chunked=True)
-            agree = bool(abs(by_chunk - by_batch) <= 1e-6 * abs(by_batch))
+            by_batch = self._forward_value(chunked=False)
+            by_chunk, error = self._chunked_value_tried()
+            agree = error is None and bool(abs(by_chunk - by_batch) <= 1e-6 * abs(by_batch))
             self.trial_batching = "chunks" if agree else "batches"
+            why = (
+                f"evaluating them in one chunk failed: {error}"
+                if error is not None
+                else f"the two ways gave {float(by_batch):.8g} and {float(by_chunk):.8g}"
+            )
             self.inform(
                 f"ConvexitySwapCallback: trial evaluations run {'in one chunk of' if agree else 'batch by batch over'} "
-                f"the kept batches (the two ways gave {float(by_batch):.8g} and {float(by_chunk):.8g})."
+                f"the kept batches ({why})."
             )
             return by_batch
-        return self._forward_value(chunked)
+        return self._forward_value(self.trial_batching == "chunks")
 
-    def _forward_value(self, chunked: bool) -> Tensor:
+    def _forward_sums(self, chunked: bool) -> tuple[Tensor, int]:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         with torch.no_grad():
@@ -297,23 +328,38 @@ class TrainingObjective:
                 if loss is not None:
                     total += loss.detach().double() * size
                     count += size
-        self.forward_samples += count
-        return self.global_mean_(total, count, [])
+        return total, count
+
+    def _forward_value(self, chunked: bool) -> Tensor:
+        total, count = self._forward_sums(chunked)
+        mean, samples = self.global_mean_(total, count, [])
+        self.forward_samples += samples
+        return mean
+
+    def _chunked_value_tried(self) -> tuple[Tensor, str | None]:
+        """The value evaluated in chunks, and what went wrong if it could not be: the attempt leaves the module's data,
+        buffers and metric states as it found them (the random generators are forked anyway). Every rank meets in the
+        same reduction, so the comparison with batch-by-batch evaluation comes out the same on every rank."""
+        error = None
+        with self._module_kept():
+            try:
+                total, count = self._forward_sums(chunked=True)
+            except Exception as exception:  # any failure of the chunk means batch by batch
+                error = f"{type(exception).__name__}: {exception}"
+                total, count = torch.tensor(math.nan, dtype=torch.float64, device=self.device), self.num_samples
+        mean, samples = self.global_mean_(total, count, [])
+        if error is None:
+            self.forward_samples += samples
+        return mean, error
 
     def _chunk_losses(self) -> Iterator[tuple[Tensor | None, int]]:
         """The loss of the batches kept on the device, concatenated into one chunk; the others one by one."""
         kept = [entry for entry in self._batches if entry[3]]
-        try:
-            chunk = _concatenate([entry[0] for entry in kept]) if kept else None
-        except (TypeError, RuntimeError):
-            # Batches that cannot be joined count as a NaN loss: the ranks still meet in the same collective, and
-            # the comparison with batch-by-batch evaluation fails on every rank alike.
-            yield torch.tensor(math.nan, device=self.device), sum(entry[2] for entry in self._batches)
-            return
-        if chunk is not None:
+        if kept:
+            chunk = _concatenate([entry[0] for entry in kept])
             _, batch_idx, _, _, state = kept[0]
             if state is not None:
-                restore_module_state(self.module, state)
+                state.restore(self._report)
             with self.seeded(0):
                 yield self.loss_fn(chunk, batch_idx), sum(entry[2] for entry in kept)
         for position, entry in enumerate(self._batches):
@@ -339,27 +385,56 @@ class TrainingObjective:
                 p.grad.zero_()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        scaling = self.scaling
-        for position in range(len(self._batches)):
-            with torch.enable_grad():
-                loss, size = self._loss_on(position)
-                if loss is None:
-                    continue
-                # autograd.grad leaves DDP's reducer out of it; the ranks are added up below.
-                outputs = loss * size if scaling is None else scaling.scale(loss)
+        with self._other_gradients_kept():
+            for position in range(len(self._batches)):
+                with torch.enable_grad():
+                    loss, size = self._loss_on(position)
+                    if loss is None:
+                        continue
+                    loss = self._add_gradient(loss, size, position)
+                total += loss.detach().double() * size
+                count += size
+        mean, samples = self.global_mean_(total, count, [p.grad for p in self.params])
+        self.forward_samples += samples
+        self.backward_samples += samples
+        return mean
+
+    def _add_gradient(self, loss: Tensor, size: int, position: int) -> Tensor:
+        """Add the gradient of ``loss * size`` to ``p.grad`` (scaled, under loss scaling); return the loss (evaluated
+        again if the first attempt found that the model needs ``backward()``)."""
+        # Under loss scaling the batch's loss is scaled as the loop scales it, and weighted afterwards.
+        outputs, weight = (loss * size, 1) if self.scaling is None else (self.scaling.scale(loss), size)
+        if self.gradient_mode == "autograd":
+            try:
+                # autograd.grad leaves DDP's reducer out of it; the ranks are added up in global_mean_.
                 grads = torch.autograd.grad(outputs, self.params, allow_unused=True)
-            for p, grad in zip(self.params, grads):
-                if grad is None:
-                    continue
-                if scaling is None:
-                    p.grad.add_(grad)
-                else:
-                    p.grad.add_(grad, alpha=size)  # the batch's loss was scaled as the loop scales it, then weighted
-            total += loss.detach().double() * size
-            count += size
-        self.forward_samples += count
-        self.backward_samples += count
-        return self.global_mean_(total, count, [p.grad for p in self.params])
+            except RuntimeError as error:
+                if not _needs_backward(error):
+                    raise
+                self.gradient_mode = "backward"
+                self.inform(
+                    "ConvexitySwapCallback: the model does not support torch.autograd.grad (reentrant activation "
+                    "checkpointing); the CG phase takes its gradients with backward() instead."
+                )
+                loss, size = self._loss_on(position)  # the failed attempt freed the graph: the same evaluation again
+                assert loss is not None
+                outputs = loss * size if self.scaling is None else self.scaling.scale(loss)
+            else:
+                for p, grad in zip(self.params, grads):
+                    if grad is not None:
+                        p.grad.add_(grad, alpha=weight)  # type: ignore[union-attr]
+                return loss
+        # backward() adds into p.grad; called on the module, not on DDP's wrapper, it starts none of DDP's reductions.
+        if weight == 1:
+            outputs.backward()
+            return loss
+        grads = [p.grad for p in self.params]
+        earlier = [g.clone() for g in grads]  # type: ignore[union-attr]
+        torch._foreach_zero_(grads)
+        outputs.backward()
+        torch._foreach_mul_(grads, weight)
+        torch._foreach_add_(grads, earlier)
+        return loss
 
     def unscale_gradient(self, loss: float) -> bool:
         """Under loss scaling, unscale the mean scaled gradient in ``p.grad`` (identical on every rank, as ``loss``);
@@ -368,18 +443,35 @@ class TrainingObjective:
             return False
         return self.scaling.unscale_(self.params, loss) and self.scaling.can_back_off
 
-    def global_mean_(self, total: Tensor, count: int, grad_sums: list[Tensor]) -> Tensor:
-        """The mean loss over every sample of every rank, from this rank's sum ``total`` over ``count`` samples; the
-        sample-weighted gradient sums ``grad_sums`` become the global mean gradient in place."""
+    @contextmanager
+    def _other_gradients_kept(self) -> Iterator[None]:
+        """Keep the ``.grad`` of the module's parameters that the objective does not train as it was (``backward()``
+        would add to them)."""
+        own = {id(p) for p in self.params}
+        others = [p for p in self.module.parameters() if p.requires_grad and id(p) not in own]
+        saved = [p.grad for p in others]
+        for p in others:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, grad in zip(others, saved):
+                p.grad = grad
+
+    def global_mean_(self, total: Tensor, count: int, grad_sums: list[Tensor]) -> tuple[Tensor, int]:
+        """The mean loss over every sample of every rank, from this rank's sum ``total`` over ``count`` samples, and
+        the number of those samples; the sample-weighted gradient sums ``grad_sums`` become the global mean gradient in
+        place."""
         local = torch.stack([total.detach().double(), total.new_tensor(float(count), dtype=torch.float64)])
         if is_distributed():
             _, sums = reduce_decision_scalars(local[:0], local)
             assert sums is not None
             local = sums
             all_reduce_sum_(grad_sums)
+        samples = float(local[1])
         if grad_sums:
-            torch._foreach_div_(grad_sums, float(local[1]))
-        return local[0] / local[1]
+            torch._foreach_div_(grad_sums, samples)
+        return local[0] / local[1], round(samples)
 
     def closure(self) -> Tensor:
         """The closure for :meth:`ConjugateGradient.step`: loss and gradient at the current parameters.
@@ -392,24 +484,32 @@ class TrainingObjective:
         return self.value_and_gradient()
 
     @contextmanager
-    def side_effects_suspended(self) -> Iterator[None]:
-        """Run trial evaluations without leaving a trace in logs, module buffers, torchmetrics states or the module's
-        plain attributes; :func:`is_trial_evaluation` is true inside."""
+    def _module_kept(self) -> Iterator[None]:
+        """Put the module's buffers, torchmetrics states and attribute data back as they were on leaving."""
         buffers = [b for b in self.module.buffers() if b is not None]
         saved_buffers = [b.detach().clone() for b in buffers]
         metric_states = _metric_states(self.module)
-        attributes = module_state(self.module)
+        attributes = ModuleState.capture(self.module)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, saved in zip(buffers, saved_buffers):
+                    buffer.copy_(saved)
+            _restore_metric_states(metric_states)
+            attributes.restore(self._report)
+
+    @contextmanager
+    def side_effects_suspended(self) -> Iterator[None]:
+        """Run trial evaluations without leaving a trace in logs, module buffers, torchmetrics states or the data in
+        the module's attributes; :func:`is_trial_evaluation` is true inside."""
         token = _in_trial.set(True)
         with self.quiet():
             try:
-                yield
+                with self._module_kept():
+                    yield
             finally:
                 _in_trial.reset(token)
-                with torch.no_grad():
-                    for buffer, saved in zip(buffers, saved_buffers):
-                        buffer.copy_(saved)
-                _restore_metric_states(metric_states)
-                restore_module_state(self.module, attributes)
 
 
 def lightning_objective(
@@ -431,7 +531,6 @@ def lightning_objective(
             return training_step_loss(pl_module.training_step(*args))
 
     scaler = grad_scaler(trainer)
-
     return TrainingObjective(
         loss_fn,
         params,
@@ -444,6 +543,7 @@ def lightning_objective(
         quiet=lambda: logging_suppressed(pl_module),
         trial_batching=trial_batching,
         inform=rank_zero_info,
+        warn=rank_zero_warn,
         scaling=LossScaling(scaler) if scaler is not None else None,
     )
 
@@ -475,6 +575,13 @@ def _clone(value: Any) -> Any:
     if isinstance(value, list):
         return [_clone(v) for v in value]
     return value
+
+
+def _needs_backward(error: RuntimeError) -> bool:
+    """Whether ``torch.autograd.grad`` failed because the graph holds reentrant activation checkpoints, which only
+    ``backward()`` supports (torch's message: "... is incompatible with .grad() ..." since 2.4, "... is not compatible
+    with .grad() ..." before)."""
+    return "compatible with .grad()" in str(error)
 
 
 def _numpy_random() -> Any:

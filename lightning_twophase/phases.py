@@ -43,7 +43,7 @@ from lightning_twophase._lightning import (
 from lightning_twophase._macro_batch import MacroBatchStep, _MacroBatchOptimizer
 from lightning_twophase.detection import SwapDetector
 from lightning_twophase.fallback import FallbackDecision, FallbackPolicy
-from lightning_twophase.objective import lightning_objective, module_state
+from lightning_twophase.objective import lightning_objective
 from lightning_twophase.optim import NonFiniteObjectiveError
 from lightning_twophase.preconditioning import apply_preconditioner
 from lightning_twophase.probe import CGProbe
@@ -177,6 +177,9 @@ class Phase:
     def begin_probe(self, trainer: pl.Trainer) -> None:
         """Keep the batches of the next check interval for a probe (asked for by the detector, agreed across ranks)."""
 
+    def count_compute(self, trainer: pl.Trainer) -> None:
+        """Training ends: add the compute not counted yet to the record (a collective: every rank calls it)."""
+
     def close(self) -> None:
         """Training ends: release what the phase keeps (kept batches)."""
 
@@ -186,6 +189,10 @@ class Phase:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from what :meth:`state_dict` wrote."""
+
+    def continue_from(self, previous: Phase) -> None:
+        """Another fit goes on with this phase, rebuilt from ``previous`` (the phase the last fit ended in): take over
+        what a checkpoint would have restored after ``on_fit_start``."""
 
 
 class FirstPhase(Phase):
@@ -230,6 +237,7 @@ class FirstPhase(Phase):
         self._losses: list[Tensor] = []
         self._norms: list[Tensor] = []
         self._steps = 0
+        self._samples = 0  # this rank's, since the last check: added up over the ranks at the check
 
     def state_dict(self) -> dict[str, Any]:
         # A checkpoint written between two checks (at a mid-epoch validation, say) carries what was added up so far,
@@ -239,6 +247,7 @@ class FirstPhase(Phase):
             if self._losses
             else [None, 0, None, 0],
             "probe_pending": self._probe is not None or self._probe_on_resume,
+            "pending_samples": self._samples,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -249,6 +258,7 @@ class FirstPhase(Phase):
         self._norms = [torch.tensor(norm_sum / norms)] * norms if norms else []
         # The probe goes on over the rest of its interval (the batches it kept before the checkpoint are not in it).
         self._probe_on_resume = bool(state.get("probe_pending", False))
+        self._samples = int(state.get("pending_samples", 0))
 
     def begin_probe(self, trainer: pl.Trainer) -> None:
         if self._new_probe is not None:
@@ -285,7 +295,7 @@ class FirstPhase(Phase):
         loss = step_loss(outputs)
         if loss is not None:
             self._losses.append(loss)
-            self.record.compute += trainer.world_size * 3 * _batch_size(batch)
+            self._samples += _batch_size(batch)
         return None
 
     def measure(self, trainer: pl.Trainer) -> tuple[float, float] | None:
@@ -303,10 +313,23 @@ class FirstPhase(Phase):
             norm = torch.where(torch.isfinite(stacked), stacked, math.nan).nanmean()
         else:
             norm = torch.stack(norms).mean()
+        # Float64 keeps sample counts exact (MPS has no float64; its counts stay below float32's 2**24 per check).
+        dtype = torch.float32 if loss.device.type == "mps" else torch.float64
+        samples = loss.new_tensor(float(self._samples), dtype=dtype)
         self._reset()
-        reduced = trainer.strategy.reduce(torch.stack([loss, norm.to(loss.device)]), reduce_op="mean")
-        mean_loss, mean_norm = (float(v) for v in reduced.tolist())  # the one host synchronisation per check
+        values = torch.stack([loss.to(dtype), norm.to(loss.device, dtype), samples])
+        reduced = trainer.strategy.reduce(values, reduce_op="mean")
+        mean_loss, mean_norm, mean_samples = (float(v) for v in reduced.tolist())  # one host sync per check
+        # Each rank's own samples, added up over the ranks: the same compute on every rank, whatever the shards.
+        self.record.compute += 3 * round(mean_samples * trainer.world_size)
         return mean_loss, mean_norm
+
+    def count_compute(self, trainer: pl.Trainer) -> None:
+        # Training ends between two checks: the samples since the last one, added up over the ranks.
+        samples = torch.tensor(float(self._samples), dtype=torch.float64)
+        total = trainer.strategy.reduce(samples.to(trainer.strategy.root_device), reduce_op="sum")
+        self.record.compute += 3 * round(float(total))
+        self._samples = 0
 
     def decide(self, trainer: pl.Trainer, loss: float, grad_norm: float, epoch: int, step: int) -> PhaseDecision:
         if self.detector is None:
@@ -451,7 +474,6 @@ class CGPhase(Phase):
             on_step=self._results.append,
             batches_per_step=config.batches_per_step,
             loop_pass=lambda: backward_sync_blocked(trainer),
-            capture_state=lambda: module_state(pl_module),
             on_params_added=self._add_to_first_optimizer,
             warn=rank_zero_warn,
         )
@@ -517,7 +539,8 @@ class CGPhase(Phase):
         return decision
 
     def _after_step(self, trainer: pl.Trainer, step: MacroBatchStep) -> PhaseDecision | None:
-        self.record.compute += trainer.world_size * (step.forward_samples + 2 * step.backward_samples)
+        # Sample counts over all ranks (the objective reduced them): the same compute on every rank.
+        self.record.compute += step.forward_samples + 2 * step.backward_samples
         if step.non_finite is not None:
             # Never hand a non-finite objective to a gradient method (the fallback): stop, weights intact.
             where = f" on batches {step.non_finite_batches} of epoch {trainer.current_epoch}"
@@ -526,27 +549,24 @@ class CGPhase(Phase):
                 f"{trainer.global_step}, with the weights as they were before the step. The training loss was not "
                 f"finite{where if step.non_finite_batches else ''}. {step.non_finite}"
             )
+        # Every second-phase optimizer goes through the same checks: the step's start loss and gradient norm.
+        self._points.append((step.loss, step.grad_norm))
+        scalars = {tags.CG_LOSS: step.loss, tags.CG_GRAD_NORM: step.grad_norm, tags.COMPUTE: self.record.compute}
         diagnostics = step.diagnostics
-        if diagnostics is None:
-            return None
-        self._points.append((diagnostics.loss, diagnostics.grad_norm))
-        totals = getattr(self.optimizer, "totals", {})
-        monitoring.log_scalars(
-            trainer,
-            {
-                tags.CG_LOSS: diagnostics.loss,
-                tags.CG_GRAD_NORM: diagnostics.grad_norm,
-                tags.CG_STEP_SIZE: diagnostics.step_size,
-                tags.CG_BETA: diagnostics.beta,
-                tags.CG_GRADIENT_EVALUATIONS: float(diagnostics.gradient_evaluations),
-                tags.CG_VALUE_EVALUATIONS: float(diagnostics.value_evaluations),
-                tags.CG_RESTARTS: float(totals.get("restarts", 0)),
-                tags.CG_LINE_SEARCH_FAILURES: float(totals.get("line_search_failures", 0)),
-                tags.COMPUTE: self.record.compute,
-            },
-            trainer.global_step,
-        )
-        return self._fallback_decision(self.policy.iteration(diagnostics.failed))
+        if diagnostics is not None:  # ConjugateGradient's extras
+            totals = getattr(self.optimizer, "totals", {})
+            scalars.update(
+                {
+                    tags.CG_STEP_SIZE: diagnostics.step_size,
+                    tags.CG_BETA: diagnostics.beta,
+                    tags.CG_GRADIENT_EVALUATIONS: float(diagnostics.gradient_evaluations),
+                    tags.CG_VALUE_EVALUATIONS: float(diagnostics.value_evaluations),
+                    tags.CG_RESTARTS: float(totals.get("restarts", 0)),
+                    tags.CG_LINE_SEARCH_FAILURES: float(totals.get("line_search_failures", 0)),
+                }
+            )
+        monitoring.log_scalars(trainer, scalars, trainer.global_step)
+        return self._fallback_decision(self.policy.iteration(step.failed))
 
     def _fallback_decision(self, decision: FallbackDecision) -> PhaseDecision | None:
         if not decision.fall_back:
@@ -587,6 +607,12 @@ class CGPhase(Phase):
         rank_zero_warn(message)
         monitoring.log_text(trainer, tags.FALLBACK_TEXT, message, trainer.global_step)
         return self.successor(epoch)
+
+    def continue_from(self, previous: Phase) -> None:
+        # What Lightning restores from a checkpoint after on_fit_start: the CG optimizer's state (direction,
+        # preconditioner, counts).
+        if isinstance(previous, CGPhase):
+            self.adapter.load_state_dict(previous.adapter.state_dict())
 
     def _add_to_first_optimizer(self, params: list[Tensor]) -> None:
         # The fallback's optimizer trains them too, with its own defaults.

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_twophase.detection import ProbeResult
-from lightning_twophase.objective import TrainingObjective, lightning_objective, module_state
+from lightning_twophase.objective import TrainingObjective, lightning_objective
 from lightning_twophase.optim import NonFiniteObjectiveError
 from lightning_twophase.preconditioning import apply_preconditioner
 
@@ -61,14 +61,14 @@ class CGProbe:
         self._params: list[torch.Tensor] = []
 
     def keep(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
-        """Keep a batch of the interval, with the module's attributes as the loop's pass of it finds them. Batches
+        """Keep a batch of the interval, with the module's data as the loop's pass of it finds them. Batches
         stay on the device up to ``max_cached_bytes``, as the CG phase's do; the rest wait in host memory."""
         if self._objective is None:
             self._params = self._trainable(trainer)
             self._objective = lightning_objective(
                 trainer, self.pl_module, self._params, self.config.max_cached_bytes, self.seed, self.trial_batching
             )
-        self._objective.add(batch, batch_idx, module_state(self.pl_module))
+        self._objective.add(batch, batch_idx, self._objective.snapshot_state())
 
     @staticmethod
     def _trainable(trainer: pl.Trainer) -> list[torch.Tensor]:
@@ -106,7 +106,7 @@ class CGProbe:
                         start_loss = float(loss)
                     diagnostics = getattr(optimizer, "diagnostics", None)
                     losses.append(float(diagnostics.new_loss) if diagnostics is not None else float(objective.value()))
-                    computes.append(trainer.world_size * (objective.forward_samples + 2 * objective.backward_samples))
+                    computes.append(objective.forward_samples + 2 * objective.backward_samples)  # over all ranks
         except NonFiniteObjectiveError:
             pass  # no progress to measure; the weights go back below
         finally:
@@ -117,7 +117,7 @@ class CGProbe:
             if scaler_state is not None:  # the GradScaler's scale too: training goes on as if there was no probe
                 objective.scaling.load_state_dict(scaler_state)  # type: ignore[union-attr]
             objective.clear()
-        compute = float(trainer.world_size * (objective.forward_samples + 2 * objective.backward_samples))
+        compute = float(objective.forward_samples + 2 * objective.backward_samples)
         if not computes or computes[-1] != compute:  # an iteration that raised still cost its compute
             losses.append(math.nan)
             computes.append(compute)

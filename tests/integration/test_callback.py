@@ -528,3 +528,36 @@ def test_the_progress_guard_returns_to_the_first_optimizer_when_cg_is_slower():
     assert isinstance(trainer.optimizers[0], torch.optim.Adam)
     # The fixed swap is made once: after the fallback the first optimizer trains to the end.
     assert [r["phase"] for r in callback.history] == ["first"] * 3 + ["cg"] * 3 + ["fallback"] * 3
+
+
+@pytest.mark.parametrize("same_trainer", [False, True], ids=["new-trainer", "same-trainer"])
+def test_a_second_fit_with_the_same_callback_goes_on_in_the_phase_it_reports(same_trainer):
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1)
+    model = TinyClassifier()
+    trainer = fit(model, callback, max_epochs=2)
+    assert callback.phase == "cg" and len(callback.history) == 2
+    iterations = trainer.optimizers[0].optimizer.totals["iterations"]
+    if same_trainer:
+        trainer.fit_loop.max_epochs = 4
+        trainer.fit(model)
+    else:
+        trainer = fit(model, callback, max_epochs=2)
+    # Conjugate gradient trains the second fit, its state carried over; phase, checks and compute go on.
+    assert isinstance(trainer.optimizers[0], MacroBatchOptimizer)
+    assert trainer.optimizers[0].optimizer.totals["iterations"] == iterations + 2
+    assert callback.phase == "cg" and float(trainer.callback_metrics["twophase/phase"]) == 1.0
+    assert [r["phase"] for r in callback.history] == ["first", "cg", "cg", "cg"]
+    computes = [r["compute"] for r in callback.history]
+    assert computes == sorted(computes) and computes[-1] > computes[1]
+    # The first optimizer of the new fit holds the old one's state, for a fallback.
+    first = callback._phase.first.optimizers[0]
+    assert isinstance(first, torch.optim.Adam) and first.state[next(iter(model.parameters()))]["step"] == 8
+
+
+def test_a_second_fit_before_the_swap_goes_on_detecting_on_the_new_fits_optimizer():
+    callback = ConvexitySwapCallback(detector="paper", patience=100)
+    fit(TinyClassifier(), callback, max_epochs=2)
+    trainer = fit(TinyClassifier(seed=1), callback, max_epochs=2)  # another model object: its own parameters
+    assert callback.phase == "first" and isinstance(trainer.optimizers[0], torch.optim.Adam)
+    assert len(callback.history) == 4
+    assert all(math.isfinite(record["grad_norm"]) for record in callback.history)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback
+from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, ProbeDetector
 from lightning_twophase._macro_batch import _MacroBatchOptimizer as MacroBatchOptimizer
 from tests.conftest import TinyClassifier, blobs, trainer_kwargs
 
@@ -487,3 +489,222 @@ def test_trial_evaluations_leave_the_modules_attributes_as_the_loop_left_them():
         assert record["value_1"] == record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
     # The loop's own passes are training steps; the line search's evaluations are trial evaluations.
     assert TRIAL_FLAGS[: 2 * batches].count(True) == 0 and TRIAL_FLAGS.count(True) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models that do more than compute a loss, through the default callback's first phase (probes) and its CG phase
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CarriedGRU(pl.LightningModule):
+    """A GRU whose hidden state is carried from one step to the next, sized for the batches of 32 it trains on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.gru = nn.GRU(4, 16, batch_first=True)
+        self.head = nn.Linear(16, 1)
+        self.hidden = torch.zeros(1, 32, 16)
+        generator = torch.Generator().manual_seed(0)
+        self.sequences = torch.randn(128, 3, 4, generator=generator)
+        self.targets = 0.1 * self.sequences.sum(dim=(1, 2)).unsqueeze(1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        output, hidden = self.gru(inputs, self.hidden)
+        self.hidden = hidden.detach()
+        return nn.functional.mse_loss(self.head(output[:, -1]), targets)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.sequences, self.targets), batch_size=32)
+
+
+class CheckpointedClassifier(TinyClassifier):
+    """A block under activation checkpointing; the reentrant kind supports backward() but not torch.autograd.grad."""
+
+    def __init__(self, reentrant: bool = True) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.reentrant = reentrant
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.net[1](self.net[0](inputs))
+        hidden = torch.utils.checkpoint.checkpoint(self.block, hidden, use_reentrant=self.reentrant)
+        return self.net[2](hidden)
+
+
+class AverageMeter:
+    def __init__(self) -> None:
+        self.sum, self.count = 0.0, 0
+
+    def update(self, value: float, n: int) -> None:
+        self.sum += value * n
+        self.count += n
+
+
+class Tracker(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.summary = torch.zeros(3)
+
+
+class KeepsNestedState(TinyClassifier):
+    """State beyond the module's top-level attributes: a child module's counter and carried summary (both part of the
+    loss), a dict of lists, an average meter, a numpy array and a deque, all changed in place. ``guarded`` skips the
+    changes at trial points (``is_trial_evaluation``): what the callback must give without being told."""
+
+    def __init__(self, guarded: bool = False) -> None:
+        super().__init__()
+        self.guarded = guarded
+        self.tracker = Tracker()
+        self.by_key: dict[str, list[float]] = {"loss": [], "size": []}
+        self.meter = AverageMeter()
+        self.histogram = np.zeros(3)
+        self.recent: deque[int] = deque(maxlen=4)
+        self.per_epoch: list[tuple] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        inputs, labels = batch
+        logits = self(inputs) + self.tracker.summary * (1 + 0.1 * (self.tracker.count % 3))
+        loss = nn.functional.cross_entropy(logits, labels)
+        if not (self.guarded and is_trial_evaluation()):
+            self.tracker.count += 1
+            self.tracker.summary.mul_(0.9).add_(0.1 * logits.detach().mean(dim=0))
+            self.by_key["loss"].append(float(loss))
+            self.by_key["size"].append(len(inputs))
+            self.meter.update(float(loss), len(inputs))
+            self.histogram += np.bincount(labels.numpy(), minlength=3)
+            self.recent.append(batch_idx)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        mean = self.meter.sum / self.meter.count
+        self.per_epoch.append((mean, len(self.by_key["loss"]), self.histogram.tolist(), list(self.recent)))
+        self.meter.sum, self.meter.count = 0.0, 0
+        for values in self.by_key.values():
+            values.clear()
+
+    def state(self) -> tuple:
+        return self.per_epoch, self.tracker.count, self.tracker.summary.tolist()
+
+
+def lbfgs(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    return torch.optim.LBFGS(groups, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
+
+
+def probing_callback(**kwargs: Any) -> ConvexitySwapCallback:
+    """The default callback with a probe at once and a margin any probe clears: probes, then the swap."""
+    detector = ProbeDetector(first_probe_epoch=1, probe_iterations=2, window=3, margin=1e-9, spacing=(1.25, 1.5))
+    return ConvexitySwapCallback(detector=detector, **kwargs)
+
+
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs"),
+    [
+        (CarriedGRU, {}),
+        (CheckpointedClassifier, {"optimizer_kwargs": {"line_search": "strong_wolfe"}}),
+        (KeepsNestedState, {}),
+        (TinyClassifier, {"optimizer_factory": lbfgs}),
+    ],
+    ids=["carried-rnn-state", "reentrant-checkpointing", "nested-module-state", "lbfgs-factory"],
+)
+def test_the_default_callback_probes_swaps_and_runs_the_cg_phase_on_models_that_do_more(model, kwargs):
+    callback = probing_callback(**kwargs)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=6))
+    trainer.fit(model())
+    # The rule's window of 3 checks, a probe over epoch 4: the swap at its end, two CG epochs.
+    assert callback._record.probe_compute > 0 and callback.swap_epoch == 4 and callback.phase == "cg"
+    cg_checks = [record for record in callback.history if record["phase"] == "cg"]
+    assert len(cg_checks) == 2 and all(math.isfinite(record["loss"]) for record in cg_checks)
+
+
+def test_a_carried_rnn_state_evaluates_batch_by_batch_with_the_numbers_of_trial_batching_batches():
+    results = []
+    for trial_batching in ("auto", "batches"):
+        model = CarriedGRU()
+        callback = ConvexitySwapCallback(fixed_swap_epoch=1, trial_batching=trial_batching)
+        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
+        assert callback.phase == "cg"
+        results.append((weights(model), model.hidden.clone(), callback.state_dict()["trial_batching"]))
+    (auto, auto_hidden, decided), (batches, batches_hidden, _) = results
+    assert decided == "batches"  # the one chunk failed: a hidden state for 32 sequences, a chunk of 128
+    assert all(torch.equal(a, b) for a, b in zip(auto, batches)) and torch.equal(auto_hidden, batches_hidden)
+
+
+def test_reentrant_checkpointing_in_the_cg_phase_gets_the_numbers_of_the_non_reentrant_kind():
+    results = []
+    for reentrant in (True, False):
+        model = CheckpointedClassifier(reentrant)
+        callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_kwargs={"line_search": "strong_wolfe"})
+        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
+        results.append((weights(model), callback.history))
+        assert callback.phase == "cg"
+    (reentrant, history), (plain, plain_history) = results
+    assert [r["loss"] for r in history] == pytest.approx([r["loss"] for r in plain_history], rel=1e-6)
+    for a, b in zip(reentrant, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make_callback", "epochs"),
+    [(lambda: ConvexitySwapCallback(fixed_swap_epoch=1), 3), (probing_callback, 5)],
+    ids=["forced-swap", "probes-then-swap"],
+)
+def test_nested_module_state_changed_at_trial_points_is_put_back(make_callback, epochs):
+    results = []
+    for guarded in (False, True):
+        model = KeepsNestedState(guarded)
+        callback = make_callback()
+        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=epochs)).fit(model)
+        assert callback.phase == "cg"
+        results.append((weights(model), model.state()))
+    (unguarded, state), (guarded, guarded_state) = results
+    # Without being told, the run is the one of a model that skips its changes at trial points.
+    assert state == guarded_state
+    assert all(torch.equal(a, b) for a, b in zip(unguarded, guarded))
+    batches = 8  # 240 samples in batches of 32
+    assert [entry[1] for entry in state[0]] == [batches] * epochs
+
+
+def test_an_optimizer_factorys_steps_are_checked_and_fall_back_on_a_rising_loss():
+    """optimizer_factory (L-BFGS): history, the loss and the fallback rules work as for conjugate gradient."""
+    callback = ConvexitySwapCallback(
+        fixed_swap_epoch=1, optimizer_factory=lbfgs, fallback_loss_window=5, fallback_progress_window=None
+    )
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=12, precision="64-true"))
+    with pytest.warns(UserWarning, match="the training loss rose over 5 CG checks"):
+        trainer.fit(DriftingLogisticRegression(1e-2))
+    phases = [record["phase"] for record in callback.history]
+    assert phases[0] == "first" and phases.count("cg") > 5 and callback.phase == "fallback"
+    cg = [record for record in callback.history if record["phase"] == "cg"]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in cg)
+    assert [r["compute"] for r in cg] == sorted(r["compute"] for r in cg) and cg[0]["compute"] > 0
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam)
+
+
+def test_an_optimizer_factory_never_steps_from_a_non_finite_start():
+    from lightning_twophase import NonFiniteObjectiveError
+
+    model = NaNFromEpoch(nan_from_epoch=2)
+    before: dict[str, torch.Tensor] = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=lbfgs)
+    trainer = pl.Trainer(callbacks=[callback, Snapshot()], **trainer_kwargs(max_epochs=4))
+    with pytest.raises(NonFiniteObjectiveError, match=r"batches \[2, 5\] of epoch 2"):
+        trainer.fit(model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

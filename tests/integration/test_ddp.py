@@ -97,6 +97,7 @@ def _fit_unequal_rank(rank: int, world_size: int) -> dict[str, Any]:
         "records": SpyConjugateGradient.records,
         "starts": starts.by_epoch,
         "history": callback.history,
+        "compute": callback.compute,
     }
 
 
@@ -117,6 +118,10 @@ def test_unequal_shards_give_the_global_sample_weighted_objective_on_every_rank(
         assert record["grad_norm"] == pytest.approx(float(exact), rel=1e-5)
         # A trial evaluation at the start point gives the same global loss.
         assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-5)
+    # The compute is the total over both ranks' 220 samples, on every rank (not each rank's own samples x 2).
+    assert rank0["compute"] == rank1["compute"] and rank0["history"] == rank1["history"]
+    first_phase = [record["compute"] for record in rank0["history"] if record["phase"] == "first"]
+    assert first_phase == [3 * 220, 2 * 3 * 220]
 
 
 def _fit_probing_rank(rank: int, world_size: int, margin: float) -> dict[str, Any]:
@@ -140,9 +145,10 @@ def _fit_probing_rank(rank: int, world_size: int, margin: float) -> dict[str, An
 def test_probes_run_on_every_rank_together_and_the_swap_follows_rank_0(margin):
     rank0, rank1 = run_on_ranks(_fit_probing_rank, margin)
     assert rank0["probe_compute"] > 0 and rank1["probe_compute"] > 0  # both ranks ran the probes' collectives
-    # Each rank counts compute as world size x its own samples: the ratios agree but for rounding; rank 0 decides.
+    # The compute is added up over the ranks: the same numbers on every rank.
     ratios = [[r.get("probe_ratio", math.nan) for r in result["history"]] for result in (rank0, rank1)]
-    assert ratios[0] == pytest.approx(ratios[1], rel=1e-6, nan_ok=True)
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-12, nan_ok=True)
+    assert rank0["probe_compute"] == rank1["probe_compute"]
     assert any(math.isfinite(ratio) for ratio in ratios[0])
     assert rank0["swap_step"] == rank1["swap_step"]
     assert (rank0["swap_step"] is None) == (margin > 1)

@@ -18,7 +18,7 @@ from lightning_twophase.objective import TrainingObjective
 class Harness:
     """A linear model, its CG optimizer inside the adapter, and a training loop that feeds it batches."""
 
-    def __init__(self, batches_per_step: int | None, poison: bool = False) -> None:
+    def __init__(self, batches_per_step: int | None, poison: bool = False, optimizer: Any = None) -> None:
         torch.manual_seed(0)
         self.model = nn.Linear(4, 1).double()
         self.poison = poison
@@ -29,6 +29,8 @@ class Harness:
         ]
         objective = TrainingObjective(self.loss, list(self.model.parameters()), self.model)
         self.cg = ConjugateGradient(self.model.parameters(), beta="pr+", line_search="brent")
+        if optimizer is not None:
+            self.cg = optimizer(self.model.parameters())
         self.results: list[MacroBatchStep] = []
         self.current: tuple[Any, int, bool] = (None, 0, False)
         self.adapter = _MacroBatchOptimizer(
@@ -174,3 +176,25 @@ def test_parameters_added_after_the_swap_join_the_macro_batch_gradient():
     # The start gradient of the new parameter is the exact one, 2 (extra - 1) = -2: its norm enters the step's.
     assert result.diagnostics is not None and result.diagnostics.grad_norm >= 2.0
     assert float(extra) > 0.0  # and CG moved it towards 1
+
+
+class Overshooting(torch.optim.SGD):
+    """A closure optimizer that steps into inf: the adapter must undo it, as ConjugateGradient never does it."""
+
+    def step(self, closure=None):  # type: ignore[override]
+        closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.fill_(math.inf)
+
+
+def test_any_optimizers_step_reports_the_start_and_a_step_into_inf_is_undone():
+    harness = Harness(batches_per_step=None, optimizer=lambda params: Overshooting(params, lr=0.1))
+    before = [p.detach().clone() for p in harness.model.parameters()]
+    start = harness.full_loss()
+    harness.epoch()
+    (result,) = harness.results
+    assert result.loss == pytest.approx(start, rel=1e-12) and result.grad_norm > 0
+    assert result.failed and result.diagnostics is None and result.non_finite is None
+    assert all(torch.equal(a, b) for a, b in zip(before, harness.model.parameters()))

@@ -189,3 +189,194 @@ def test_batches_that_cannot_be_joined_are_evaluated_one_by_one():
         objective.add((batch, "names of a batch"), index)
     assert math.isfinite(float(objective.value()))
     assert objective.trial_batching == "batches"
+
+
+class CarriesState(nn.Module):
+    """A loss that depends on a state carried from batch to batch, in a child module, with a buffer and a counter; it
+    cannot take batches larger than the ones it was trained on (as an RNN whose hidden state has the batch's size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, 1)
+        self.child = nn.Module()
+        self.child.calls = 0
+        self.child.carried = torch.zeros(1)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def loss(self, batch, batch_idx):
+        inputs, targets = batch
+        self.child.calls += 1
+        self.seen += len(inputs)
+        if len(inputs) > 16:
+            raise RuntimeError("Expected hidden size (1, 39, 16), got [1, 16, 16]")
+        loss = nn.functional.mse_loss(self.linear(inputs) + self.child.carried, targets)
+        self.child.carried = self.child.carried + 0.1
+        return loss
+
+
+def carried_state_objective(trial_batching: str, messages: list[str]) -> tuple[TrainingObjective, CarriesState]:
+    torch.manual_seed(0)
+    model = CarriesState()
+    objective = TrainingObjective(
+        model.loss, list(model.parameters()), model, trial_batching=trial_batching, inform=messages.append
+    )
+    for index, batch in enumerate(regression_batches()):
+        state = objective.snapshot_state()
+        with torch.no_grad():
+            model.loss(batch, index)  # the training loop's pass, which moves the carried state on
+        objective.add(batch, index, state)
+    return objective, model
+
+
+def test_a_chunk_that_fails_means_batch_by_batch_and_leaves_no_trace():
+    messages: list[str] = []
+    auto, auto_model = carried_state_objective("auto", messages)
+    batches, batches_model = carried_state_objective("batches", [])
+    with auto.side_effects_suspended():
+        auto_values = [float(auto.value()) for _ in range(3)]
+        auto_state = (auto_model.child.calls, float(auto_model.child.carried), float(auto_model.seen))
+    with batches.side_effects_suspended():
+        batch_values = [float(batches.value()) for _ in range(3)]
+        batch_state = (batches_model.child.calls, float(batches_model.child.carried), float(batches_model.seen))
+    assert auto.trial_batching == "batches" and "failed: RuntimeError: Expected hidden size" in messages[0]
+    # The same numbers as batch by batch, and the failed chunk changed neither the counter, the state nor the buffer.
+    assert auto_values == batch_values and auto_state == batch_state
+    assert (auto_model.child.calls, float(auto_model.child.carried)) == (3, pytest.approx(0.3))
+
+
+def test_each_batch_is_evaluated_from_the_state_its_loop_pass_saw():
+    objective, model = carried_state_objective("batches", [])
+    model.child.carried = torch.full((1,), 5.0)  # where the loop left it: not what the batches saw
+    inputs = torch.cat([b[0] for b in regression_batches()])
+    targets = torch.cat([b[1] for b in regression_batches()])
+    offsets = torch.cat([torch.full((len(b[0]), 1), 0.1 * i) for i, b in enumerate(regression_batches())])
+    with torch.no_grad():
+        expected = nn.functional.mse_loss(model.linear(inputs) + offsets, targets)
+    assert float(objective.value()) == pytest.approx(float(expected), rel=1e-6)
+
+
+class Checkpointed(nn.Module):
+    """A block under reentrant activation checkpointing, which supports backward() but not torch.autograd.grad."""
+
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(5, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.last = nn.Linear(8, 1)
+        self.unused_by_optimizer = nn.Linear(5, 1)
+        self.reentrant = reentrant
+
+    def loss(self, batch, batch_idx):
+        inputs, targets = batch
+        hidden = torch.tanh(self.first(inputs))
+        hidden = torch.utils.checkpoint.checkpoint(self.block, hidden, use_reentrant=self.reentrant)
+        return nn.functional.mse_loss(self.last(hidden) + self.unused_by_optimizer(inputs), targets)
+
+    def forward(self, batch):
+        return self.loss(batch, 0)
+
+
+def checkpointed_objective(reentrant: bool, messages: list[str] | None = None):
+    model = Checkpointed(reentrant)
+    trained = [p for name, p in model.named_parameters() if not name.startswith("unused")]
+    inform = messages.append if messages is not None else (lambda message: None)
+    objective = TrainingObjective(model.loss, trained, model, inform=inform)
+    for index, batch in enumerate(regression_batches()):
+        objective.add(batch, index)
+    return objective, model, trained
+
+
+def test_reentrant_checkpointing_takes_gradients_with_backward_and_gets_the_same_numbers():
+    messages: list[str] = []
+    reentrant, model, trained = checkpointed_objective(True, messages)
+    plain, _, plain_trained = checkpointed_objective(False)
+    marker = torch.full_like(model.unused_by_optimizer.weight, 7.0)
+    model.unused_by_optimizer.weight.grad = marker
+    assert float(reentrant.value_and_gradient()) == float(plain.value_and_gradient())
+    assert reentrant.gradient_mode == "backward" and "backward()" in messages[0]
+    for p, q in zip(trained, plain_trained):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    assert model.unused_by_optimizer.weight.grad is marker and model.unused_by_optimizer.bias.grad is None
+    assert (reentrant.forward_samples, reentrant.backward_samples) == (39, 39)  # the failed attempt is not counted
+    reentrant.value_and_gradient()  # the choice is remembered: no second attempt
+    assert len(messages) == 1
+
+
+def _reentrant_rank(rank: int, world_size: int) -> dict:
+    from tests.conftest import init_gloo
+
+    init_gloo(rank, world_size)
+    model = Checkpointed(True)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    reductions: list[int] = []
+
+    def counting_hook(state, bucket):
+        reductions.append(1)
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        return allreduce_hook(None, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    batches = regression_batches()
+    shard = batches[:2] if rank == 0 else batches[2:]  # 32 and 7 samples: shards of different sizes
+    # An ordinary DDP step first, so that the reducer is armed as in training.
+    ddp(shard[0]).backward()
+    model.zero_grad(set_to_none=True)
+    reductions_of_the_step = len(reductions)
+    trained = [p for name, p in model.named_parameters() if not name.startswith("unused")]
+    objective = TrainingObjective(model.loss, trained, model)
+    for index, batch in enumerate(shard):
+        objective.add(batch, index)
+    loss = float(objective.value_and_gradient())
+    return {
+        "loss": loss,
+        "grads": [p.grad.clone() for p in trained],
+        "mode": objective.gradient_mode,
+        "ddp_reductions": (reductions_of_the_step, len(reductions)),
+    }
+
+
+def test_backward_gradients_under_ddp_are_the_global_mean_without_ddps_reduction():
+    from tests.conftest import run_on_ranks
+
+    rank0, rank1 = run_on_ranks(_reentrant_rank)
+    reference, _, reference_trained = checkpointed_objective(False)
+    expected_loss = float(reference.value_and_gradient())  # all 39 samples in one process
+    for result in (rank0, rank1):
+        assert result["mode"] == "backward"
+        step, total = result["ddp_reductions"]
+        assert step > 0 and total == step  # DDP reduced the ordinary step's gradients, none of the objective's
+        assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+        for grad, expected in zip(result["grads"], reference_trained):
+            torch.testing.assert_close(grad, expected.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_the_module_data_kept_per_batch_counts_against_the_device_bound():
+    model = nn.Linear(5, 1)
+    model.table = list(range(200_000))  # 1.6 MB of references, never changed
+    batches = regression_batches((16,) * 64)
+    objective = objective_for(model)
+    for index, batch in enumerate(batches):
+        objective.add(batch, index, objective.snapshot_state())
+    # Shared from batch to batch: one copy for the iteration, not 64.
+    assert 8 * 200_000 <= objective._state_bytes < 2 * 8 * 200_000
+    # Within a bound that the data takes up, the batches wait on the host.
+    bounded = objective_for(model, max_device_bytes=8 * 200_000 + 3 * batch_nbytes(batches[0]))
+    for index, batch in enumerate(batches):
+        bounded.add(batch, index, bounded.snapshot_state())
+    assert sum(entry[3] for entry in bounded._batches) <= 3
+
+
+def test_module_data_beyond_the_bound_is_not_kept_per_batch_and_that_is_said():
+    model = nn.Linear(5, 1)
+    model.outputs = []
+    warnings: list[str] = []
+    objective = objective_for(model, max_device_bytes=20_000, warn=warnings.append)
+    for index, batch in enumerate(regression_batches((4,) * 40)):
+        state = objective.snapshot_state()
+        model.outputs.extend(range(100))  # grows at every step: nothing to share
+        objective.add(batch, index, state)
+    states = [entry[4] for entry in objective._batches]
+    assert states[0] is not None and states[-1] is None  # the first batch always has its state
+    assert len(warnings) == 1 and "max_cached_bytes=20000" in warnings[0]
