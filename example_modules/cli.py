@@ -6,17 +6,33 @@
 
 The data module's ``num_classes``, ``image_size`` and ``in_channels`` are linked into the model. Before training the
 CLI prints the model's parameter count (checked against its closed formula); after training it prints the swap point
-and the final metrics.
+and the final metrics. With ``compare: true`` (the quick job's config sets it) it then trains the first optimizer alone
+from the same initial weights and batch order, for the same epochs and on to the same compute, and prints both runs
+side by side (:mod:`example_modules.comparison`).
 """
 
 from __future__ import annotations
 
+import math
+import time
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from example_modules.classifier import ImageClassifier
+from example_modules.comparison import (
+    Measurement,
+    Snapshot,
+    TrainingSetMonitor,
+    comparison_table,
+    loss_vs_compute_figure,
+    measure,
+    passes,
+    snapshot,
+)
 from example_modules.data import ImageDataModule
 from example_modules.vit import expected_parameter_count
 from lightning_twophase import ConvexitySwapCallback
@@ -28,8 +44,17 @@ class TwoPhaseCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in ("num_classes", "image_size", "in_channels"):
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        parser.add_argument(
+            "--compare",
+            type=bool,
+            default=False,
+            help="After fit, train the first optimizer alone from the same initial weights, to the same epochs and on "
+            "to the same compute, and print both runs side by side.",
+        )
 
     def before_fit(self) -> None:
+        self._initial: Snapshot | None = snapshot(self.model, self.datamodule) if self._compare else None
+        self._began = time.perf_counter()
         model = self.model
         assert isinstance(model, ImageClassifier)
         hparams = model.hparams
@@ -52,7 +77,12 @@ class TwoPhaseCLI(LightningCLI):
             f"{hparams.num_classes} classes"
         )
 
+    @property
+    def _compare(self) -> bool:
+        return bool(self.config.get(str(self.subcommand), self.config).get("compare", False))
+
     def after_fit(self) -> None:
+        seconds = time.perf_counter() - self._began
         trainer = self.trainer
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, ConvexitySwapCallback):
@@ -70,6 +100,39 @@ class TwoPhaseCLI(LightningCLI):
                 f"logs, norm_vs_loss.png and twophase_history.csv in {trainer.log_dir}; view them with: "
                 f"tensorboard --logdir {trainer.log_dir}"
             )
+        if self._initial is not None:
+            self._compare_with_first_optimizer(seconds)
+
+    def _compare_with_first_optimizer(self, seconds: float) -> None:
+        """Train the first optimizer alone from the initial weights (see :mod:`example_modules.comparison`)."""
+        trainer, datamodule = self.trainer, self.datamodule
+        swap = next((cb for cb in trainer.callbacks if isinstance(cb, ConvexitySwapCallback)), None)  # type: ignore[attr-defined]
+        if swap is None or trainer.world_size > 1:
+            rank_zero_info("compare: needs the ConvexitySwapCallback and a single process; skipped")
+            return
+        epochs = trainer.current_epoch
+        spent = passes(swap, datamodule)
+        two_phase = Measurement(epochs, spent, *measure(self.model, datamodule), seconds)
+        assert self._initial is not None
+        first_only = self._initial.restore(datamodule)
+        counter = ConvexitySwapCallback(detect_only=True, detector="paper", swap_epoch=None, log_figures=False)
+        equal_compute = max(epochs, math.ceil(spent - 1e-9))
+        monitor = TrainingSetMonitor({epochs, equal_compute}, counter)
+        logger: Any = False
+        if isinstance(trainer.logger, TensorBoardLogger):
+            logger = TensorBoardLogger(trainer.logger.save_dir, name=f"{trainer.logger.name}-adam-alone")
+        rank_zero_info(
+            f"compare: the two-phase run spent {spent:.0f} gradient passes in {epochs} epochs; training the first "
+            f"optimizer alone from the same initial weights and batch order for {equal_compute} epochs"
+        )
+        self.instantiate_trainer(max_epochs=equal_compute, callbacks=[counter, monitor], logger=logger).fit(
+            first_only, datamodule=datamodule
+        )
+        rank_zero_info(comparison_table(two_phase, monitor.measurements[epochs], monitor.measurements[equal_compute]))
+        if trainer.log_dir is not None:
+            path = Path(trainer.log_dir) / "loss_vs_compute.png"
+            if loss_vs_compute_figure(swap.history, counter.history, len(datamodule.train_data[1]), path):
+                rank_zero_info(f"loss against compute, both runs: {path}")
 
 
 def main(args: Any = None) -> TwoPhaseCLI:

@@ -1,29 +1,25 @@
 """Convexity-dependent two-phase training for PyTorch Lightning: Adam first, conjugate gradient after the swap."""
 
 from lightning_twophase.callback import ConvexitySwapCallback
-from lightning_twophase.detection import (
-    GradientNormPeakDetector,
-    ProbeDetector,
-    ProbeResult,
-    SwapDecision,
-    SwapDetector,
-)
-from lightning_twophase.fallback import FallbackDecision, FallbackPolicy
+from lightning_twophase.decision import Decision, Reason
+from lightning_twophase.detection import GradientNormPeakDetector, PlateauDetector, SwapDetector
+from lightning_twophase.fallback import FallbackPolicy
 from lightning_twophase.objective import is_trial_evaluation
 from lightning_twophase.optim import ConjugateGradient, NonFiniteObjectiveError, StepDiagnostics
+from lightning_twophase.phases import Phase
 
 __all__ = [
     "ConjugateGradient",
     "ConvexitySwapCallback",
-    "FallbackDecision",
+    "Decision",
     "FallbackPolicy",
     "GradientNormPeakDetector",
     "NonFiniteObjectiveError",
-    "ProbeDetector",
-    "ProbeResult",
+    "Phase",
+    "PlateauDetector",
+    "Reason",
     "StepDiagnostics",
-    "SwapDecision",
     "SwapDetector",
     "is_trial_evaluation",
 ]
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -9,8 +9,8 @@ and the wrapped optimizer takes one step on :class:`~lightning_twophase.objectiv
 is known from the accumulated pass, and its line search evaluates trial points on the kept batches. Each such step
 hands one :class:`MacroBatchStep` to the CG phase, with what the CG phase's checks need whatever the optimizer (the
 loss where the step started and the norm of the macro-batch's gradient there): the same check path for
-``ConjugateGradient`` and for any optimizer of ``optimizer_factory``. A start that is not finite is never stepped on,
-and a step that leaves non-finite weights is undone.
+``ConjugateGradient`` and for any optimizer a factory builds (the callback's ``optimizer``). A start that is not
+finite is never stepped on, and a step that leaves non-finite weights is undone.
 
 Under loss scaling (16-mixed with a GradScaler) the loop's passes give scaled gradients: their sums are unscaled once
 added up across ranks, and if they overflowed the start point's gradient is evaluated again at a lowered scale by the
@@ -260,7 +260,7 @@ class _MacroBatchOptimizer(Optimizer):
         if saved_type != own_type:
             self._warn(
                 f"ConvexitySwapCallback: the checkpoint's CG phase used {saved_type}, this run builds {own_type} "
-                f"(optimizer_factory or optimizer_kwargs changed): {own_type} starts afresh from the checkpoint's "
+                f"(the callback's `optimizer` changed): {own_type} starts afresh from the checkpoint's "
                 "weights."
             )
             return

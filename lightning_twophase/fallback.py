@@ -1,67 +1,49 @@
-"""When the CG phase should hand training back to the first-phase optimizer (no Lightning in here).
+"""When the CG phase should hand training back to the first optimizer (no Lightning in here).
 
 The paper's "safe resort": conjugate gradient assumes a convex neighbourhood, and if the assumption fails the CG
 phase stops making progress. :class:`FallbackPolicy` is fed what each CG iteration did and the loss of each check,
-and answers whether to go on or to fall back, with the reason in words, as the detectors answer whether to swap.
+and answers with a :class:`~lightning_twophase.Decision`, as the detectors do.
 
-Beyond failure, the policy guards progress: every few checks, the CG phase must be decreasing the loss at least as
-fast per unit of compute as the first optimizer did before the swap, or be ahead of where the first optimizer would
-be by now; otherwise training returns to the first optimizer (from the CG phase's weights, which are no worse) and the
-swap rule may try again later.
+Beyond failure, it guards progress at equal compute: the CG phase must not fall far behind where the first optimizer
+would have been had it gone on. That projection is the first optimizer's own curve continued: a gradient method's
+loss past its fast start falls roughly as a power of the compute spent, ``L(c) ~ c^(-alpha)``, with ``alpha`` read
+off the first phase's second half. CG's progress comes in bursts (a plateau, then a drop as training images are
+fitted), so the guard judges only over long windows and only a clear shortfall: on the project's study
+(``benchmarks/swap_study.py``) no CG phase that ended below Adam at equal compute was judged behind.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from lightning_twophase.rates import trailing_rate
+from lightning_twophase.arguments import check_count, check_number
+from lightning_twophase.decision import Decision, Reason
 
-__all__ = ["FallbackDecision", "FallbackPolicy"]
+__all__ = ["FallbackPolicy"]
 
-
-@dataclass(frozen=True)
-class FallbackDecision:
-    """The policy's answer.
-
-    Attributes:
-        fall_back: whether to hand training back to the first-phase optimizer now.
-        reason: why, in words (empty when going on).
-
-    """
-
-    fall_back: bool
-    reason: str = ""
-
-
-CONTINUE = FallbackDecision(False)
+CONTINUE = Decision(False, Reason.WAITING)
 
 
 class FallbackPolicy:
     """Fall back after repeated line-search failures, when the loss rose over a window of checks, or when the CG
-    phase is slower than the first optimizer and behind it.
+    phase fell far behind the first optimizer at equal compute.
 
     Args:
         after_failures: consecutive CG iterations whose line search failed (found no decrease it could resolve).
-        loss_window: fall back when the loss at a check is above the loss this many CG-phase checks before
-            (``None``: never for this reason).
+        loss_window: fall back when the loss at a check is above the loss this many CG checks before (``None``:
+            never for this reason).
         loss_rtol: how far, relative to the earlier loss, the loss must rise to count for ``loss_window``. A CG phase
             that has converged repeats its loss up to rounding, which must not count as a rise.
-        progress_window: the progress guard: every this many CG checks, compare the CG phase's rate over them (the
-            decrease of ``ln loss`` per unit of compute, below its lowest loss before them) with the first optimizer's
-            before the swap, given to :meth:`begin`. If it is slower, and the CG phase's whole decrease since the swap
-            is no more than the first optimizer's would have been (its rate falling off in proportion to the compute
-            trained), fall back. A CG phase that is ahead keeps its result when it slows down on converging.
-            ``None`` turns the guard off.
-        progress_margin: the CG phase must reach this fraction of the first optimizer's rate.
+        progress_window: the progress guard judges every this many CG checks (``None`` turns it off): it falls back
+            if the CG phase's decrease of ``ln loss`` since the swap is less than ``progress_margin`` times the
+            first optimizer's projected decrease over the same compute (see the module's docstring).
+        progress_margin: the fraction of the first optimizer's projected progress the CG phase must reach.
 
     Example::
 
-        policy = FallbackPolicy(after_failures=3, loss_window=5)
-        decision = policy.iteration(failed=diagnostics.failed)
-        if decision.fall_back:
-            print(decision.reason)
+        callback = ConvexitySwapCallback(fallback=FallbackPolicy(after_failures=5, progress_window=None))
 
     """
 
@@ -70,113 +52,94 @@ class FallbackPolicy:
         after_failures: int = 3,
         loss_window: int | None = 5,
         loss_rtol: float = 1e-3,
-        progress_window: int | None = 10,
-        progress_margin: float = 1.0,
+        progress_window: int | None = 30,
+        progress_margin: float = 0.25,
     ) -> None:
-        if after_failures < 1:
-            raise ValueError("FallbackPolicy: `after_failures` must be at least 1.")
-        if loss_window is not None and loss_window < 1:
-            raise ValueError("FallbackPolicy: `loss_window` must be at least 1 or None.")
-        if not (math.isfinite(loss_rtol) and loss_rtol >= 0):
-            raise ValueError(f"FallbackPolicy: `loss_rtol` must be a finite number >= 0, got {loss_rtol}.")
-        if progress_window is not None and progress_window < 2:
-            raise ValueError("FallbackPolicy: `progress_window` must be at least 2 or None.")
-        if not progress_margin > 0:
-            raise ValueError(f"FallbackPolicy: `progress_margin` must be positive, got {progress_margin}.")
-        self.after_failures = after_failures
-        self.loss_window = loss_window
-        self.loss_rtol = loss_rtol
-        self.progress_window = progress_window
-        self.progress_margin = progress_margin
-        self.reset()
+        owner = "FallbackPolicy"
+        self.after_failures = check_count(owner, "after_failures", after_failures, minimum=1)
+        self.loss_window = check_count(owner, "loss_window", loss_window, minimum=1, optional=True)
+        self.loss_rtol = check_number(owner, "loss_rtol", loss_rtol, minimum=0.0)
+        self.progress_window = check_count(owner, "progress_window", progress_window, minimum=1, optional=True)
+        self.progress_margin = check_number(owner, "progress_margin", progress_margin, 0.0, 1.0, strict=True)
+        self.begin([])
 
-    def reset(self) -> None:
-        """Forget everything (a new CG phase begins)."""
+    def begin(self, first_phase: Sequence[tuple[float, float]]) -> None:
+        """A CG phase begins: forget the last one. ``first_phase`` holds the ``(loss, compute)`` of the first
+        optimizer's checks, from which the guard projects where it would be (too few points: the guard stays quiet)."""
         self.consecutive_failures = 0
         self.check_losses: list[float] = []
-        self.check_points: list[tuple[float, float]] = []  # (loss, compute) of the CG phase's checks
-        self.reference_rate = math.nan
-        self.start: tuple[float, float] | None = None
+        self.lowest = math.inf
+        self.start_loss, self.start_compute, self.exponent = _power_law(first_phase)
 
-    def begin(self, reference_rate: float, start: tuple[float, float] | None = None) -> None:
-        """A CG phase begins; ``reference_rate`` is the first optimizer's rate just before the swap (``nan``: none
-        known, the progress guard stays quiet) and ``start`` the ``(loss, compute)`` the CG phase's progress is
-        measured from: the lowest loss the first optimizer reached recently, so that regaining ground it had already
-        won does not count."""
-        self.reset()
-        self.reference_rate = reference_rate
-        self.start = start
-
-    def iteration(self, failed: bool) -> FallbackDecision:
+    def iteration(self, failed: bool) -> Decision:
         """One CG iteration is done; ``failed`` if its line search found no decrease."""
         self.consecutive_failures = self.consecutive_failures + 1 if failed else 0
         if self.consecutive_failures >= self.after_failures:
-            return FallbackDecision(True, f"{self.consecutive_failures} consecutive line searches found no decrease")
+            message = f"{self.consecutive_failures} consecutive line searches found no decrease"
+            return Decision(True, Reason.LINE_SEARCH_FAILURES, message)
         return CONTINUE
 
-    def check(self, loss: float, compute: float = math.nan) -> FallbackDecision:
+    def check(self, loss: float, compute: float) -> Decision:
         """A check of the CG phase: the mean loss of its iterations since the previous check, and the compute spent
-        so far (for the progress guard)."""
+        since training began (in the unit of ``begin``'s points)."""
         self.check_losses.append(loss)
-        self.check_points.append((loss, compute))
-        if self.progress_window is not None and len(self.check_points) % self.progress_window == 0:
-            decision = self._progress()
-            if decision.fall_back:
+        if math.isfinite(loss):
+            self.lowest = min(self.lowest, loss)
+        window = self.progress_window
+        if window is not None and len(self.check_losses) % window == 0:
+            decision = self._progress(compute)
+            if decision.act:
                 return decision
         window = self.loss_window
         if window is None or len(self.check_losses) <= window:
             return CONTINUE
         earlier = self.check_losses[-1 - window]
         if loss > earlier + self.loss_rtol * abs(earlier):
-            return FallbackDecision(
-                True, f"the training loss rose over {window} CG checks ({earlier:.4g} -> {loss:.4g})"
-            )
+            message = f"the training loss rose over {window} CG checks ({earlier:.4g} -> {loss:.4g})"
+            return Decision(True, Reason.LOSS_ROSE, message)
         return CONTINUE
 
-    def _progress(self) -> FallbackDecision:
-        reference = self.reference_rate
-        points = self.check_points if self.start is None else [self.start, *self.check_points]
-        window = self.progress_window + 1
-        cg_rate = trailing_rate(points, window)  # over the last window only: how fast the CG phase goes now
-        if not (math.isfinite(cg_rate) and reference > 0) or cg_rate >= self.progress_margin * reference:
+    def _progress(self, compute: float) -> Decision:
+        start, spent_before = self.start_loss, self.start_compute
+        if not (math.isfinite(self.exponent) and self.exponent > 0 and compute > spent_before > 0):
             return CONTINUE
-        (first_loss, first_compute), (_, compute) = points[0], points[-1]
-        lowest = min(loss for loss, _ in points)
-        gained = math.log(first_loss / lowest) if lowest > 0 and first_loss < math.inf else math.nan
-        expected = self.progress_margin * reference * _elapsed(first_compute, compute)
-        if math.isfinite(gained) and gained > expected:
-            return CONTINUE  # slower now, but still ahead of where the first optimizer would be: it keeps its result
-        return FallbackDecision(
+        gained = math.log(start / self.lowest) if 0 < self.lowest < math.inf else 0.0
+        expected = self.exponent * math.log(compute / spent_before)
+        if gained >= self.progress_margin * expected:
+            return CONTINUE
+        return Decision(
             True,
-            f"over its last {min(window, len(points)) - 1} checks the CG phase decreased ln(loss) by {cg_rate:.3g} per "
-            f"unit of compute, slower than the first optimizer's {reference:.3g} before the swap, and it is not ahead "
-            f"of where the first optimizer would be (ln(loss) down {gained:.3g} against {expected:.3g})",
+            Reason.BEHIND_FIRST_OPTIMIZER,
+            f"after {len(self.check_losses)} CG checks ln(loss) is down {gained:.3g} since the swap, less than "
+            f"{self.progress_margin} x the {expected:.3g} the first optimizer's curve (loss ~ compute^-"
+            f"{self.exponent:.3g}) projects for the same compute",
         )
 
     def state_dict(self) -> dict[str, Any]:
         """Everything :meth:`load_state_dict` needs to continue where the policy was."""
-        return {
-            "consecutive_failures": self.consecutive_failures,
-            "check_losses": list(self.check_losses),
-            "check_points": [list(point) for point in self.check_points],
-            "reference_rate": self.reference_rate,
-            "start": None if self.start is None else list(self.start),
-        }
+        names = ("consecutive_failures", "check_losses", "lowest", "start_loss", "start_compute", "exponent")
+        return {name: getattr(self, name) for name in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the state written by :meth:`state_dict`."""
-        self.consecutive_failures = state["consecutive_failures"]
-        self.check_losses = list(state["check_losses"])
-        self.check_points = [(loss, compute) for loss, compute in state.get("check_points", [])]
-        self.reference_rate = state.get("reference_rate", math.nan)
-        start = state.get("start")
-        self.start = None if start is None else (start[0], start[1])
+        for name, value in state.items():
+            setattr(self, name, list(value) if name == "check_losses" else value)
 
 
-def _elapsed(start: float, now: float) -> float:
-    """The compute the first optimizer's rate is projected over, from ``start`` to ``now``: with its rate falling off in
-    proportion to the compute trained (as it does for a gradient method past its fast start), ``start * ln(now /
-    start)``; ``now - start`` where the start is unknown."""
-    if start > 0 and now > start:
-        return start * math.log(now / start)
-    return max(now - start, 0.0) if math.isfinite(now - start) else math.nan
+def _power_law(points: Sequence[tuple[float, float]]) -> tuple[float, float, float]:
+    """``(start loss, start compute, exponent)`` of the first phase's curve: the lowest loss it reached, the compute
+    at its end, and ``alpha`` of ``L ~ c^-alpha`` over its second half, on the running minimum of the loss (the ups and
+    downs near the noise floor are not progress); ``nan`` where there are fewer than three usable points."""
+    lowest, running = math.inf, []
+    for loss, compute in points:
+        if 0 < loss < math.inf and math.isfinite(compute) and compute > 0:
+            lowest = min(lowest, loss)
+            running.append((lowest, compute))
+    if len(running) < 3:
+        return (running[-1] if running else (math.nan, math.nan)) + (math.nan,)
+    end_loss, end_compute = running[-1]
+    half_loss, half_compute = next(point for point in running if point[1] >= end_compute / 2)
+    if half_compute >= end_compute:
+        return end_loss, end_compute, math.nan
+    exponent = math.log(half_loss / end_loss) / math.log(end_compute / half_compute)
+    return end_loss, end_compute, exponent

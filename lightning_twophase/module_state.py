@@ -34,12 +34,13 @@ import enum
 import sys
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["COPY_LIMIT_BYTES", "ModuleState"]
+__all__ = ["COPY_LIMIT_BYTES", "ModuleState", "module_kept"]
 
 #: Tensors and numpy arrays larger than this are kept by reference, not copied.
 COPY_LIMIT_BYTES = 16 * 1024**2
@@ -529,3 +530,34 @@ class ModuleState:
                     attributes[name] = node.restore(memo, notes)
         if notes and report is not None:
             report("; ".join(notes))
+
+
+@contextmanager
+def module_kept(module: nn.Module, report: Callable[[str], None]) -> Iterator[None]:
+    """Put the module's buffers, torchmetrics states and attribute data back as they were on leaving (``report``:
+    told of data that could not be put back)."""
+    buffers = [b for b in module.buffers() if b is not None]
+    saved_buffers = [b.detach().clone() for b in buffers]
+    metric = _metric_type()
+    metrics = [m for m in module.modules() if metric is not None and isinstance(m, metric)]
+    names = [(*m._defaults, "_update_count", "_computed", "_forward_cache") for m in metrics]
+    saved_metrics = [{name: _clone(getattr(m, name, None)) for name in keys} for m, keys in zip(metrics, names)]
+    attributes = ModuleState.capture(module)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(buffers, saved_buffers):
+                buffer.copy_(saved)
+        for m, saved in zip(metrics, saved_metrics):
+            for name, value in saved.items():
+                setattr(m, name, value)
+        attributes.restore(report)
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value

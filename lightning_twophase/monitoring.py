@@ -34,6 +34,8 @@ from lightning_twophase.tags import CUSTOM_SCALARS_LAYOUT
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from lightning_twophase.decision import Decision
+
 
 def _tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
@@ -161,17 +163,13 @@ def write_history_csv(history: Sequence[dict[str, Any]], path: str | Path) -> No
         writer.writerows(history)
 
 
-def no_swap_message(history: Sequence[dict[str, Any]], epochs: int, detector: Any) -> str:
-    """Why training ended without a swap, for the closing line."""
-    finite = [r for r in history if math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])]
+def no_swap_message(history: Sequence[dict[str, Any]], epochs: int, last: Decision | None) -> str:
+    """Why training ended without a swap, for the closing line (``last``: the swap rule's last answer)."""
+    finite = [r for r in history if math.isfinite(r["loss"])]
     if history and not finite:
         return (
-            f"ConvexitySwapCallback: no swap point was found in {epochs} epochs: every check had a non-finite loss or "
-            f"gradient norm (the last: loss {history[-1]['loss']}, gradient norm {history[-1]['grad_norm']}); "
-            "check the data and the model for NaN or overflow."
+            f"ConvexitySwapCallback: no swap point was found in {epochs} epochs: every check had a non-finite loss "
+            f"(the last: {history[-1]['loss']}); check the data and the model for NaN or overflow."
         )
-    peak, ratio = getattr(detector, "peak", None), getattr(detector, "last_ratio", None)
-    detail = f" (peak gradient norm {peak:.4g})" if isinstance(peak, float) else ""
-    if isinstance(ratio, float) and math.isfinite(ratio):
-        detail = f" (the last probe measured conjugate gradient at {ratio:.3g} x the first optimizer's rate)"
+    detail = f" (the rule's last answer: {last.message})" if last is not None and last.message else ""
     return f"ConvexitySwapCallback: no swap point was found in {epochs} epochs{detail}."

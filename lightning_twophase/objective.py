@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 
 from lightning_twophase._lightning import grad_scaler, logging_suppressed
 from lightning_twophase._scaling import LossScaling
-from lightning_twophase.module_state import ModuleState
+from lightning_twophase.module_state import ModuleState, module_kept
 from lightning_twophase.optim.distributed import all_reduce_sum_, is_distributed, reduce_decision_scalars
 
 __all__ = [
@@ -118,18 +119,13 @@ class TrainingObjective:
         device: the training device (kept batches live there, and the random state forked there).
         to_device: moves a batch kept in host memory back to the device.
         rank: this process's rank (part of the per-batch seeds).
-        max_device_bytes: batches are kept on the training device while their total, with the module's data saved
-            for them (:meth:`snapshot_state`), stays within this bound; the rest wait in host memory and are copied
-            back for each evaluation. The module's data is saved for every batch while it fits in the bound too.
+        max_device_bytes: batches, with the module's data saved for them (:meth:`snapshot_state`), stay on the device
+            within this bound; the rest wait in host memory and are copied back for each evaluation.
         seed: base of the per-batch random seeds.
         quiet: a context manager factory under which trial evaluations run (``self.log`` silenced, for instance).
-        trial_batching: how forward-only evaluations go through the kept batches: ``"batches"`` one by one, as the
-            training loop did; ``"chunks"`` concatenated into one chunk (fewer, larger calls: faster where a model is
-            bound by kernel launches); ``"auto"`` tries both at the first evaluation and keeps chunks if they give the
-            same value to ``1e-6`` (they do not with batch-norm in training mode, losses that are not sample means,
-            randomness per batch, or a state carried from batch to batch). A chunk that cannot be formed or evaluated
-            (an exception) means batches; the attempt leaves no trace in the module, its buffers and metrics, or the
-            random generators.
+        trial_batching: forward-only evaluations go through the kept batches ``"batches"`` one by one, as the loop
+            did, or ``"chunks"`` joined into one (fewer, larger calls); ``"auto"`` tries both at the first evaluation
+            and keeps chunks where they give the same value to ``1e-6`` and raise nothing (leaving no trace).
         inform: told which batching ``"auto"`` chose and why, and when gradients need ``backward()``.
         warn: told of the module's data that cannot be saved or put back.
         scaling: the loss scaling of gradient evaluations (16-mixed with a GradScaler); ``None``: none.
@@ -168,8 +164,7 @@ class TrainingObjective:
         self.inform = inform
         self.warn = warn
         self.scaling = scaling
-        #: How gradients are taken: ``"autograd"`` (``torch.autograd.grad``) until a model needs ``"backward"``.
-        self.gradient_mode = "autograd"
+        self._gradients = _Gradients(self.params, module, scaling, inform)
         self.iteration = 0
         # (batch, batch_idx, size, on_device, the module's data before the loop's pass of the batch)
         self._batches: list[tuple[Any, int, int, bool, ModuleState | None]] = []
@@ -182,10 +177,6 @@ class TrainingObjective:
         #: Samples passed forward and backward by trial evaluations, over all ranks (for compute accounting).
         self.forward_samples = 0
         self.backward_samples = 0
-
-    # ------------------------------------------------------------------------------------------------------------
-    # The stored batches
-    # ------------------------------------------------------------------------------------------------------------
 
     @property
     def num_samples(self) -> int:
@@ -252,31 +243,10 @@ class TrainingObjective:
         self._states_fit = True
         self._start_loss = None
 
-    @contextmanager
-    def seeded(self, position: int) -> Iterator[None]:
-        """Run with the random state of the batch at ``position`` in this iteration (same at every trial point): torch's
-        generators, Python's ``random`` and numpy's global generator, all restored afterwards."""
-        seed = zlib.crc32(f"{self.seed}:{self.iteration}:{position}:{self.rank}".encode())
-        device = self.device
-        devices = [device] if device.type == "cuda" else []
-        python_state = random.getstate()
-        numpy_random = _numpy_random()
-        numpy_state = numpy_random.get_state() if numpy_random is not None else None
-        try:
-            with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                if numpy_random is not None:
-                    numpy_random.seed(seed)
-                yield
-        finally:
-            random.setstate(python_state)
-            if numpy_random is not None:
-                numpy_random.set_state(numpy_state)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Evaluations
-    # ------------------------------------------------------------------------------------------------------------
+    def seeded(self, position: int) -> AbstractContextManager[None]:
+        """Run with the random state of the batch at ``position`` in this iteration (the same at every trial point):
+        torch's generators, Python's ``random`` and numpy's global generator, all restored afterwards."""
+        return _seeded(zlib.crc32(f"{self.seed}:{self.iteration}:{position}:{self.rank}".encode()), self.device)
 
     def set_start(self, mean_loss: float) -> None:
         """Record the loss at the current point, already known from the training loop's own pass.
@@ -308,15 +278,7 @@ class TrainingObjective:
             by_chunk, error = self._chunked_value_tried()
             agree = error is None and bool(abs(by_chunk - by_batch) <= 1e-6 * abs(by_batch))
             self.trial_batching = "chunks" if agree else "batches"
-            why = (
-                f"evaluating them in one chunk failed: {error}"
-                if error is not None
-                else f"the two ways gave {float(by_batch):.8g} and {float(by_chunk):.8g}"
-            )
-            self.inform(
-                f"ConvexitySwapCallback: trial evaluations run {'in one chunk of' if agree else 'batch by batch over'} "
-                f"the kept batches ({why})."
-            )
+            self.inform(_batching_message(agree, error, float(by_batch), float(by_chunk)))
             return by_batch
         return self._forward_value(self.trial_batching == "chunks")
 
@@ -341,7 +303,7 @@ class TrainingObjective:
         buffers and metric states as it found them (the random generators are forked anyway). Every rank meets in the
         same reduction, so the comparison with batch-by-batch evaluation comes out the same on every rank."""
         error = None
-        with self._module_kept():
+        with module_kept(self.module, self._report):
             try:
                 total, count = self._forward_sums(chunked=True)
             except Exception as exception:  # any failure of the chunk means batch by batch
@@ -373,7 +335,7 @@ class TrainingObjective:
         the gradient is evaluated again.
         """
         loss = self._value_and_gradient()
-        while self.scaling is not None and self.unscale_gradient(float(loss)):
+        while self.unscale_gradient(float(loss)):
             loss = self._value_and_gradient()
         return loss
 
@@ -385,13 +347,13 @@ class TrainingObjective:
                 p.grad.zero_()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        with self._other_gradients_kept():
+        with self._gradients.others_kept():
             for position in range(len(self._batches)):
                 with torch.enable_grad():
                     loss, size = self._loss_on(position)
                     if loss is None:
                         continue
-                    loss = self._add_gradient(loss, size, position)
+                    loss = self._gradients.add(loss, size, partial(self._loss_on, position))
                 total += loss.detach().double() * size
                 count += size
         mean, samples = self.global_mean_(total, count, [p.grad for p in self.params])
@@ -399,64 +361,15 @@ class TrainingObjective:
         self.backward_samples += samples
         return mean
 
-    def _add_gradient(self, loss: Tensor, size: int, position: int) -> Tensor:
-        """Add the gradient of ``loss * size`` to ``p.grad`` (scaled, under loss scaling); return the loss (evaluated
-        again if the first attempt found that the model needs ``backward()``)."""
-        # Under loss scaling the batch's loss is scaled as the loop scales it, and weighted afterwards.
-        outputs, weight = (loss * size, 1) if self.scaling is None else (self.scaling.scale(loss), size)
-        if self.gradient_mode == "autograd":
-            try:
-                # autograd.grad leaves DDP's reducer out of it; the ranks are added up in global_mean_.
-                grads = torch.autograd.grad(outputs, self.params, allow_unused=True)
-            except RuntimeError as error:
-                if not _needs_backward(error):
-                    raise
-                self.gradient_mode = "backward"
-                self.inform(
-                    "ConvexitySwapCallback: the model does not support torch.autograd.grad (reentrant activation "
-                    "checkpointing); the CG phase takes its gradients with backward() instead."
-                )
-                loss, size = self._loss_on(position)  # the failed attempt freed the graph: the same evaluation again
-                assert loss is not None
-                outputs = loss * size if self.scaling is None else self.scaling.scale(loss)
-            else:
-                for p, grad in zip(self.params, grads):
-                    if grad is not None:
-                        p.grad.add_(grad, alpha=weight)  # type: ignore[union-attr]
-                return loss
-        # backward() adds into p.grad; called on the module, not on DDP's wrapper, it starts none of DDP's reductions.
-        if weight == 1:
-            outputs.backward()
-            return loss
-        grads = [p.grad for p in self.params]
-        earlier = [g.clone() for g in grads]  # type: ignore[union-attr]
-        torch._foreach_zero_(grads)
-        outputs.backward()
-        torch._foreach_mul_(grads, weight)
-        torch._foreach_add_(grads, earlier)
-        return loss
-
     def unscale_gradient(self, loss: float) -> bool:
         """Under loss scaling, unscale the mean scaled gradient in ``p.grad`` (identical on every rank, as ``loss``);
         whether it overflowed and is to be evaluated again at the lowered scale. Without loss scaling: ``False``."""
-        if self.scaling is None:
-            return False
-        return self.scaling.unscale_(self.params, loss) and self.scaling.can_back_off
+        return self._gradients.unscale(loss)
 
-    @contextmanager
-    def _other_gradients_kept(self) -> Iterator[None]:
-        """Keep the ``.grad`` of the module's parameters that the objective does not train as it was (``backward()``
-        would add to them)."""
-        own = {id(p) for p in self.params}
-        others = [p for p in self.module.parameters() if p.requires_grad and id(p) not in own]
-        saved = [p.grad for p in others]
-        for p in others:
-            p.grad = None
-        try:
-            yield
-        finally:
-            for p, grad in zip(others, saved):
-                p.grad = grad
+    @property
+    def gradient_mode(self) -> str:
+        """How gradients are taken: ``"autograd"`` (``torch.autograd.grad``) until a model needs ``"backward"``."""
+        return self._gradients.mode
 
     def global_mean_(self, total: Tensor, count: int, grad_sums: list[Tensor]) -> tuple[Tensor, int]:
         """The mean loss over every sample of every rank, from this rank's sum ``total`` over ``count`` samples, and
@@ -484,41 +397,118 @@ class TrainingObjective:
         return self.value_and_gradient()
 
     @contextmanager
-    def _module_kept(self) -> Iterator[None]:
-        """Put the module's buffers, torchmetrics states and attribute data back as they were on leaving."""
-        buffers = [b for b in self.module.buffers() if b is not None]
-        saved_buffers = [b.detach().clone() for b in buffers]
-        metric_states = _metric_states(self.module)
-        attributes = ModuleState.capture(self.module)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for buffer, saved in zip(buffers, saved_buffers):
-                    buffer.copy_(saved)
-            _restore_metric_states(metric_states)
-            attributes.restore(self._report)
-
-    @contextmanager
     def side_effects_suspended(self) -> Iterator[None]:
         """Run trial evaluations without leaving a trace in logs, module buffers, torchmetrics states or the data in
         the module's attributes; :func:`is_trial_evaluation` is true inside."""
         token = _in_trial.set(True)
         with self.quiet():
             try:
-                with self._module_kept():
+                with module_kept(self.module, self._report):
                     yield
             finally:
                 _in_trial.reset(token)
+
+
+class _Gradients:
+    """How the objective takes the gradient of a batch's loss into ``p.grad``: with ``torch.autograd.grad``, which
+    leaves DDP's reducer out of it, or with ``backward()`` where a model refuses ``autograd.grad`` (reentrant activation
+    checkpointing); under loss scaling (16-mixed with a GradScaler) from the scaled loss."""
+
+    def __init__(
+        self, params: list[Tensor], module: nn.Module, scaling: LossScaling | None, inform: Callable[[str], None]
+    ) -> None:
+        self.params, self.module, self.scaling, self.inform = params, module, scaling, inform
+        #: ``"autograd"`` until a model needs ``"backward"`` (decided once).
+        self.mode = "autograd"
+
+    def add(self, loss: Tensor, size: int, evaluate_again: Callable[[], tuple[Tensor | None, int]]) -> Tensor:
+        """Add the gradient of ``loss * size`` to ``p.grad``; return the loss (evaluated again with
+        ``evaluate_again`` if the first attempt found that the model needs ``backward()``)."""
+        # Under loss scaling the batch's loss is scaled as the loop scales it, and weighted afterwards.
+        outputs, weight = (loss * size, 1) if self.scaling is None else (self.scaling.scale(loss), size)
+        if self.mode == "autograd":
+            try:
+                # The ranks are added up in TrainingObjective.global_mean_.
+                grads = torch.autograd.grad(outputs, self.params, allow_unused=True)
+            except RuntimeError as error:
+                if not _needs_backward(error):
+                    raise
+                self.mode = "backward"
+                self.inform(
+                    "ConvexitySwapCallback: the model does not support torch.autograd.grad (reentrant activation "
+                    "checkpointing); the CG phase takes its gradients with backward() instead."
+                )
+                evaluated, size = evaluate_again()  # the failed attempt freed the graph: the same evaluation again
+                assert evaluated is not None
+                loss = evaluated
+                outputs = loss * size if self.scaling is None else self.scaling.scale(loss)
+            else:
+                for p, grad in zip(self.params, grads):
+                    if grad is not None:
+                        p.grad.add_(grad, alpha=weight)  # type: ignore[union-attr]
+                return loss
+        # backward() adds into p.grad; called on the module, not on DDP's wrapper, it starts none of DDP's reductions.
+        if weight == 1:
+            outputs.backward()
+            return loss
+        grads = [p.grad for p in self.params]
+        earlier = [g.clone() for g in grads]  # type: ignore[union-attr]
+        torch._foreach_zero_(grads)
+        outputs.backward()
+        torch._foreach_mul_(grads, weight)
+        torch._foreach_add_(grads, earlier)
+        return loss
+
+    def unscale(self, loss: float) -> bool:
+        """Unscale the scaled gradient in ``p.grad``; whether it overflowed and can be evaluated again at the lowered
+        scale (``False`` without loss scaling)."""
+        return self.scaling is not None and self.scaling.unscale_(self.params, loss) and self.scaling.can_back_off
+
+    @contextmanager
+    def others_kept(self) -> Iterator[None]:
+        """Keep the ``.grad`` of the module's parameters that the objective does not train as it was (``backward()``
+        would add to them)."""
+        own = {id(p) for p in self.params}
+        others = [p for p in self.module.parameters() if p.requires_grad and id(p) not in own]
+        saved = [p.grad for p in others]
+        for p in others:
+            p.grad = None
+        try:
+            yield
+        finally:
+            for p, grad in zip(others, saved):
+                p.grad = grad
+
+
+@contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with torch's generators, Python's ``random`` and numpy's global generator seeded with ``seed``; all
+    restored afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    python_state = random.getstate()
+    numpy_random = _numpy_random()
+    numpy_state = numpy_random.get_state() if numpy_random is not None else None
+    try:
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            if numpy_random is not None:
+                numpy_random.seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        if numpy_random is not None:
+            numpy_random.set_state(numpy_state)
 
 
 def lightning_objective(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
     params: list[Tensor],
-    max_device_bytes: int,
     seed: int,
-    trial_batching: str = "batches",
+    *,
+    max_device_bytes: int = 2 * 1024**3,
+    trial_batching: str = "auto",
 ) -> TrainingObjective:
     """The mean of ``pl_module.training_step``'s loss over kept batches, evaluated as the training loop would: in the
     precision plugin's context, on the strategy's device, with ``self.log`` silenced at trial points."""
@@ -548,33 +538,14 @@ def lightning_objective(
     )
 
 
-def _metric_states(module: torch.nn.Module) -> list[tuple[Any, dict[str, Any]]]:
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics comes with Lightning
-        return []
-    saved = []
-    for submodule in module.modules():
-        if isinstance(submodule, Metric):
-            state = {name: _clone(getattr(submodule, name)) for name in submodule._defaults}
-            for name in ("_update_count", "_computed", "_forward_cache"):
-                state[name] = _clone(getattr(submodule, name, None))
-            saved.append((submodule, state))
-    return saved
-
-
-def _restore_metric_states(saved: list[tuple[Any, dict[str, Any]]]) -> None:
-    for metric, state in saved:
-        for name, value in state.items():
-            setattr(metric, name, value)
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach().clone()
-    if isinstance(value, list):
-        return [_clone(v) for v in value]
-    return value
+def _batching_message(agree: bool, error: str | None, by_batch: float, by_chunk: float) -> str:
+    why = (
+        f"evaluating them in one chunk failed: {error}"
+        if error is not None
+        else (f"the two ways gave {by_batch:.8g} and {by_chunk:.8g}")
+    )
+    how = "in one chunk of" if agree else "batch by batch over"
+    return f"ConvexitySwapCallback: trial evaluations run {how} the kept batches ({why})."
 
 
 def _needs_backward(error: RuntimeError) -> bool:

@@ -1,9 +1,11 @@
 """A diagonal preconditioner for the CG phase, built from what the first phase learned about gradient scales.
 
-Adam estimates, per weight, the second moment ``v`` of the gradient. At the swap ``P = 1 / (sqrt(v_hat) + eps)``, with
-``v_hat`` bias-corrected, is a diagonal approximation of the inverse curvature scale that plain CG ignores. It stays
-fixed during the CG phase (conjugacy needs a fixed geometry) and is normalised to mean 1, so that step lengths keep
-their scale.
+Adam estimates, per weight, the second moment ``v`` of the gradient and steps by ``1 / sqrt(v_hat)``. At the swap
+``P = 1 / sqrt(v_hat)`` (bias-corrected) becomes the CG phase's diagonal preconditioner: conjugate gradient then runs in
+Adam's geometry, which transformers need (their blocks differ in curvature by orders of magnitude; measured in
+``benchmarks/swap_study.py``). It stays fixed during the CG phase (conjugacy needs a fixed geometry). Weights whose
+gradient was (nearly) always zero would get enormous steps: ``sqrt(v_hat)`` is floored at :data:`FLOOR` times its
+median. ``P`` is scaled to median 1; a constant scale changes nothing but the CG phase's first trial step.
 """
 
 from __future__ import annotations
@@ -17,18 +19,24 @@ from torch.optim import Optimizer
 from lightning_twophase.optim.conjugate_gradient import ConjugateGradient
 from lightning_twophase.optim.distributed import broadcast_
 
-__all__ = ["NO_PRECONDITIONER", "SECOND_MOMENTS", "apply_preconditioner", "second_moment_preconditioner"]
+__all__ = ["FLOOR", "NO_PRECONDITIONER", "SECOND_MOMENTS", "apply_preconditioner", "second_moment_preconditioner"]
 
 #: ``preconditioner`` values: none, or the first phase's second moments (Adam's ``exp_avg_sq``).
 NO_PRECONDITIONER = "none"
 SECOND_MOMENTS = "second_moments"
 
 
-def second_moment_preconditioner(optimizer: Optimizer) -> list[Tensor] | None:
-    """``P = 1 / (sqrt(v_hat) + eps)`` per parameter, normalised to mean 1, from an Adam-like optimizer's state.
+#: The floor of ``sqrt(v_hat)``, relative to its median: no weight's scale exceeds the median's by more than 1 / FLOOR.
+FLOOR = 1e-2
+#: The median is taken over at most this many entries (every k-th), so that large models need no full copy.
+MEDIAN_SAMPLE = 2**20
 
-    Works for optimizers that keep ``exp_avg_sq`` and ``step`` per parameter and ``betas`` and ``eps`` per group
-    (``Adam``, ``AdamW``, ``NAdam``, ``RAdam``...). Parameters without state (never updated) get the mean of the others.
+
+def second_moment_preconditioner(optimizer: Optimizer) -> list[Tensor] | None:
+    """``P = 1 / max(sqrt(v_hat), FLOOR * median)`` per parameter, scaled to median 1, from an Adam-like optimizer.
+
+    Works for optimizers that keep ``exp_avg_sq`` and ``step`` per parameter and ``betas`` per group (``Adam``,
+    ``AdamW``, ``NAdam``, ``RAdam``...). Parameters without state (never updated) get 1, the median.
 
     Args:
         optimizer: the first-phase optimizer, after training.
@@ -38,27 +46,27 @@ def second_moment_preconditioner(optimizer: Optimizer) -> list[Tensor] | None:
         moments (SGD, say) or has not stepped yet.
 
     """
-    diagonals: list[Tensor | None] = []
+    scales: list[Tensor | None] = []
     for group in optimizer.param_groups:
-        betas, eps = group.get("betas"), group.get("eps")
+        betas = group.get("betas")
         for p in group["params"]:
             state = optimizer.state.get(p, {})
-            if betas is None or eps is None or "exp_avg_sq" not in state or "step" not in state:
-                diagonals.append(None)
+            if betas is None or "exp_avg_sq" not in state or "step" not in state:
+                scales.append(None)
                 continue
             step = float(state["step"])
-            v_hat = state["exp_avg_sq"].detach().to(torch.float64) / (1.0 - betas[1] ** step)
-            diagonals.append(1.0 / (v_hat.sqrt() + eps))
-    known = [d for d in diagonals if d is not None]
+            scales.append((state["exp_avg_sq"].detach().to(torch.float64) / (1.0 - betas[1] ** step)).sqrt())
+    known = [scale.reshape(-1) for scale in scales if scale is not None]
     if not known:
         return None
-    total = sum(float(d.sum()) for d in known)
-    count = sum(d.numel() for d in known)
-    mean = total / count
+    stride = max(1, sum(scale.numel() for scale in known) // MEDIAN_SAMPLE)
+    median = float(torch.cat([scale[::stride].cpu() for scale in known]).median())
+    if not median > 0:  # more than half the weights never had a gradient: floor at the largest scale's share
+        median = max(float(scale.max()) for scale in known) or 1.0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     return [
-        (torch.ones_like(p, dtype=torch.float64) if d is None else d / mean).to(dtype=p.dtype)
-        for p, d in zip(params, diagonals)
+        (torch.ones_like(p, dtype=torch.float64) if s is None else median / s.clamp_min(FLOOR * median)).to(p.dtype)
+        for p, s in zip(params, scales)
     ]
 
 

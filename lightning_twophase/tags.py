@@ -20,12 +20,12 @@ __all__ = [
     "FALLBACK_TEXT",
     "GN_MAX",
     "GRAD_NORM",
+    "IMPROVEMENT",
     "LOSS",
     "NORM_VS_LOSS_FIGURE",
     "PHASE",
     "PHASE_VALUES",
     "PREFIX",
-    "PROBE_RATIO",
     "SWAP_EPOCH",
     "SWAP_STEP",
     "SWAP_TEXT",
@@ -54,8 +54,8 @@ COMPUTE = _tag("compute")
 # The paper's detector: the running peak of the norm and the threshold below which it swaps.
 GN_MAX = _tag("gn_max")
 THRESHOLD = _tag("threshold")
-# The probe detector: CG's rate over the first optimizer's at the last probe.
-PROBE_RATIO = _tag("probe_ratio")
+# The plateau rule: the relative decrease of the best loss over its window.
+IMPROVEMENT = _tag("improvement")
 # The swap, once.
 SWAP_EPOCH = _tag("swap_epoch")
 SWAP_STEP = _tag("swap_step")
@@ -81,7 +81,7 @@ CUSTOM_SCALARS_LAYOUT = {
     "two-phase training": {
         "gradient norm and loss": ["Multiline", [GRAD_NORM, LOSS]],
         "paper's rule: norm, peak and threshold": ["Multiline", [GRAD_NORM, GN_MAX, THRESHOLD]],
-        "probes: CG's rate over the first optimizer's": ["Multiline", [PROBE_RATIO]],
+        "plateau rule: improvement of the best loss over its window": ["Multiline", [IMPROVEMENT]],
         "phase (0 first, 1 CG, 2 fallback)": ["Multiline", [PHASE]],
         "compute (samples forward + 2 x backward)": ["Multiline", [COMPUTE]],
     },

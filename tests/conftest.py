@@ -109,6 +109,20 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     return kwargs
 
 
+def fit(model: pl.LightningModule, *callbacks: pl.Callback, **overrides: Any) -> pl.Trainer:
+    """Fit ``model`` with ``callbacks`` on a quiet CPU Trainer (:func:`trainer_kwargs` with ``overrides``)."""
+    trainer = pl.Trainer(callbacks=list(callbacks), **trainer_kwargs(**overrides))
+    trainer.fit(model)
+    return trainer
+
+
+def swap_at(epoch: int | float, **kwargs: Any) -> Any:
+    """A callback that swaps at ``epoch`` exactly (no swap rule): what most tests of the CG phase need."""
+    from lightning_twophase import ConvexitySwapCallback
+
+    return ConvexitySwapCallback(detector=None, swap_epoch=epoch, **kwargs)
+
+
 #: The CPU has a GradScaler from torch 2.3 (``torch.amp.GradScaler("cpu")``); CI also tests an older floor.
 needs_cpu_grad_scaler = pytest.mark.skipif(
     not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch 2.3 or newer"

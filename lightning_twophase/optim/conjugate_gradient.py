@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_twophase.arguments import check_count, check_flag, check_number
 from lightning_twophase.optim import line_search as ls
 from lightning_twophase.optim.distributed import DecisionReducer
 
@@ -453,9 +454,9 @@ def _beta(
 def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
     """The options with the formula's canonical name and the search's default ``max_evals``, after checking each
     (an error names the option and its valid range)."""
-    lr, beta, line_search = options["lr"], options["beta"], options["line_search"]
-    if not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"ConjugateGradient: `lr` (the first trial step) must be positive, got {lr}.")
+    owner = "ConjugateGradient"
+    beta, line_search = options["beta"], options["line_search"]
+    check_number(owner, "lr", options["lr"], minimum=0.0, strict=True)
     beta_name = BETA_FORMULAS.get(str(beta).lower())
     if beta_name is None:
         raise ValueError(
@@ -464,22 +465,25 @@ def _checked_options(options: dict[str, Any]) -> dict[str, Any]:
         )
     if line_search not in LINE_SEARCHES:
         raise ValueError(f"ConjugateGradient: unknown `line_search={line_search!r}`. Choose one of {LINE_SEARCHES}.")
-    for name in ("max_iter", "max_evals", "restart_every"):
-        value = options[name]
-        if (value is not None or name == "max_iter") and value < 1:
-            extra = "" if name in ("max_iter", "max_evals") else " or None"
-            raise ValueError(f"ConjugateGradient: `{name}` must be at least 1{extra}, got {value}.")
-    c1, c2 = options["c1"], options["c2"]
-    if not 0 < c1 < 1 or (line_search == "strong_wolfe" and not c1 < c2 < 1):
+    counts = {name: check_count(owner, name, options[name], 1, name != "max_iter") for name in _COUNTS}
+    if options["powell_restart"] is not None:
+        check_flag(owner, "powell_restart", options["powell_restart"])
+    for name in ("tolerance_grad", "tolerance_change"):
+        check_number(owner, name, options[name], minimum=0.0)
+    c1 = check_number(owner, "c1", options["c1"], 0.0, 1.0, strict=True)
+    c2 = check_number(owner, "c2", options["c2"], 0.0, 1.0, strict=True)
+    if line_search == "strong_wolfe" and not c1 < c2:  # type: ignore[operator]
         raise ValueError(f"ConjugateGradient: need 0 < c1 < c2 < 1, got c1={c1}, c2={c2}.")
-    if not 0 <= options["value_tolerance"] < 1:
-        raise ValueError(f"ConjugateGradient: `value_tolerance` must lie in [0, 1), got {options['value_tolerance']}.")
-    if not 0 < options["line_search_tolerance"] < 1:
-        raise ValueError(
-            f"ConjugateGradient: `line_search_tolerance` must lie in (0, 1), got {options['line_search_tolerance']}."
-        )
-    max_evals = options["max_evals"] if options["max_evals"] is not None else _DEFAULT_MAX_EVALS[line_search]
-    return {**options, "beta": beta_name, "max_evals": max_evals}
+    value_tolerance = check_number(owner, "value_tolerance", options["value_tolerance"], 0.0, 1.0)
+    if value_tolerance == 1.0:
+        raise ValueError(f"ConjugateGradient: `value_tolerance` must lie in [0, 1), got {value_tolerance}.")
+    check_number(owner, "line_search_tolerance", options["line_search_tolerance"], 0.0, 1.0, strict=True)
+    max_evals = counts["max_evals"] if counts["max_evals"] is not None else _DEFAULT_MAX_EVALS[line_search]
+    return {**options, **counts, "beta": beta_name, "max_evals": max_evals}
+
+
+#: The options that count something (``max_iter`` is required, the others may be ``None``).
+_COUNTS = ("max_iter", "max_evals", "restart_every")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, ProbeDetector
-from lightning_twophase._macro_batch import _MacroBatchOptimizer as MacroBatchOptimizer
-from tests.conftest import TinyClassifier, blobs, trainer_kwargs
+from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, FallbackPolicy, Reason
+from tests.conftest import TinyClassifier, blobs, fit, swap_at, trainer_kwargs
 
 
 class LogisticRegression(pl.LightningModule):
@@ -98,7 +97,7 @@ def epochs_to_reach(model: LogisticRegression, callback: pl.Callback | None, tar
 def test_full_batch_cg_reaches_the_optimum_in_far_fewer_epochs_than_adam():
     optimum = scipy_optimum()
     target = optimum * (1 + 1e-6)
-    cg_epochs = epochs_to_reach(LogisticRegression(), ConvexitySwapCallback(fixed_swap_epoch=1), target, 40)
+    cg_epochs = epochs_to_reach(LogisticRegression(), swap_at(1), target, 40)
     adam_epochs = epochs_to_reach(LogisticRegression(), None, target, 400)
     assert cg_epochs is not None and cg_epochs <= 30
     assert adam_epochs is None or adam_epochs >= 10 * cg_epochs, (cg_epochs, adam_epochs)
@@ -124,7 +123,7 @@ class DriftingLogisticRegression(LogisticRegression):
 )
 def test_only_a_real_rise_of_the_loss_sends_the_cg_phase_back_to_the_first_optimizer(drift, phase):
     # The loss-window rule alone (the progress guard would see the drift first).
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, fallback_loss_window=5, fallback_progress_window=None)
+    callback = swap_at(1, fallback=FallbackPolicy(loss_window=5, progress_window=None))
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=30, precision="64-true"))
     if phase == "fallback":
         with pytest.warns(UserWarning, match="the training loss rose over 5 CG checks"):
@@ -132,17 +131,22 @@ def test_only_a_real_rise_of_the_loss_sends_the_cg_phase_back_to_the_first_optim
     else:
         trainer.fit(DriftingLogisticRegression(drift))
     assert callback.phase == phase
-    assert isinstance(trainer.optimizers[0], MacroBatchOptimizer if phase == "cg" else torch.optim.Adam)
+    if phase == "cg":
+        assert callback.fallback_decision is None
+        assert isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
+    else:
+        assert callback.fallback_decision.reason is Reason.LOSS_ROSE
+        assert isinstance(trainer.optimizers[0], torch.optim.Adam)
 
 
 def test_any_closure_optimizer_can_be_the_second_phase():
-    """optimizer_factory: full-batch L-BFGS through the same macro-batch machinery (no value closure needed)."""
+    """optimizer=<factory>: full-batch L-BFGS through the same macro-batch machinery (no value closure needed)."""
 
     def lbfgs(groups):
         return torch.optim.LBFGS(groups, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
 
     target = scipy_optimum() * (1 + 1e-6)
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=lbfgs)
+    callback = swap_at(1, optimizer=lbfgs)
     epochs = epochs_to_reach(LogisticRegression(), callback, target, 40)
     assert epochs is not None and epochs <= 30
 
@@ -178,6 +182,16 @@ def exact_gradient_norm(model: pl.LightningModule, dataset: TensorDataset) -> fl
     return float(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
 
 
+class FirstOptimizer(pl.Callback):
+    """The optimizer of ``configure_optimizers``: the CG phase keeps it (for the fallback) after the swap."""
+
+    def __init__(self) -> None:
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.optimizer = trainer.optimizers[0]
+
+
 class StartWeights(pl.Callback):
     def __init__(self) -> None:
         self.by_epoch: dict[int, dict[str, torch.Tensor]] = {}
@@ -190,7 +204,7 @@ def test_the_start_gradient_is_the_exact_size_weighted_mean_over_the_epoch():
     SpyConjugateGradient.records = []
     model = LogisticRegression()
     starts = StartWeights()
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    callback = swap_at(1, optimizer=spy_factory)
     pl.Trainer(callbacks=[callback, starts], **trainer_kwargs(max_epochs=3, precision="64-true")).fit(model)
     dataset = TensorDataset(model.inputs, model.labels)
     for epoch, record in zip((1, 2), SpyConjugateGradient.records):
@@ -211,7 +225,7 @@ class NoisyClassifier(TinyClassifier):
 
 def test_randomness_repeats_at_every_trial_point_of_an_iteration():
     SpyConjugateGradient.records = []
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    callback = swap_at(1, optimizer=spy_factory)
     pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=4)).fit(NoisyClassifier())
     assert len(SpyConjugateGradient.records) == 3
     for record in SpyConjugateGradient.records:
@@ -219,11 +233,11 @@ def test_randomness_repeats_at_every_trial_point_of_an_iteration():
         assert record["value_1"] == record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize(("cg_phase", "iterations_per_epoch"), [(2, 4), (3, 3), ("minibatch", 8), ("full", 1)])
-def test_macro_batches_of_k_batches(cg_phase, iterations_per_epoch):
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, cg_phase=cg_phase)
+@pytest.mark.parametrize(("batches_per_iteration", "iterations_per_epoch"), [(2, 4), (3, 3), (1, 8), (None, 1)])
+def test_macro_batches_of_k_batches(batches_per_iteration, iterations_per_epoch):
+    callback = swap_at(1, batches_per_iteration=batches_per_iteration)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
-    with pytest.warns(UserWarning) if cg_phase == "minibatch" else _nothing():
+    with pytest.warns(UserWarning, match="single mini-batches") if batches_per_iteration == 1 else _nothing():
         trainer.fit(TinyClassifier(samples=240, batch_size=30))  # 8 batches per epoch
     assert trainer.optimizers[0].optimizer.totals["iterations"] == 2 * iterations_per_epoch
 
@@ -237,7 +251,7 @@ class _nothing:
 
 
 def test_value_only_line_search_runs_no_extra_backward_pass():
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_kwargs={"line_search": "golden"})
+    callback = swap_at(1, optimizer={"line_search": "golden"})
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=4))
     trainer.fit(TinyClassifier())
     totals = trainer.optimizers[0].optimizer.totals
@@ -247,14 +261,16 @@ def test_value_only_line_search_runs_no_extra_backward_pass():
 
 
 def test_batches_beyond_the_device_cache_bound_give_the_same_result():
-    weights = []
+    # A model whose trial evaluations go batch by batch (its noise differs in one chunk), so that both runs evaluate
+    # the same batches the same way: only where the batches wait differs (with no cache they all wait on the host).
+    weights, decided = [], []
     for max_cached_bytes in (0, 2**30):
-        model = TinyClassifier()
-        callback = ConvexitySwapCallback(
-            fixed_swap_epoch=1, max_cached_bytes=max_cached_bytes, trial_batching="batches"
-        )
-        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
+        model = NoisyClassifier()
+        callback = swap_at(1, max_cached_bytes=max_cached_bytes)
+        fit(model, callback, max_epochs=3)
         weights.append([p.detach().clone() for p in model.parameters()])
+        decided.append(callback.state_dict()["trial_batching"])
+    assert decided[1] == "batches"
     for a, b in zip(*weights):
         assert torch.equal(a, b)
 
@@ -269,7 +285,7 @@ class ShowsProgress(pl.Callback):
 
 def test_progress_bar_and_validation_keep_running_in_the_cg_phase():
     progress = ShowsProgress()
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1)
+    callback = swap_at(1)
     trainer = pl.Trainer(callbacks=[callback, progress], **trainer_kwargs(max_epochs=3, enable_progress_bar=True))
     trainer.fit(TinyClassifier())
     assert progress.counts == [trainer.num_training_batches] * 3
@@ -291,7 +307,7 @@ def test_training_set_of_unknown_length_needs_a_macro_batch():
     with pytest.raises(MisconfigurationException, match="known length"):
         trainer.fit(StreamClassifier())
     assert trainer.global_step == 0
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, cg_phase=4)
+    callback = swap_at(1, batches_per_iteration=4)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=2))
     trainer.fit(StreamClassifier())
     assert trainer.optimizers[0].optimizer.totals["iterations"] == 2  # 8 batches in the second epoch, 4 per step
@@ -322,14 +338,16 @@ class StreamClassifier(TinyClassifier):
 
 
 @pytest.mark.parametrize(
-    ("samples", "cg_phase", "iterations_per_epoch"),
+    ("samples", "batches_per_iteration", "iterations_per_epoch"),
     [
         (90, 4, 1),  # 3 batches per epoch, fewer than a macro-batch: one step on all three
         (240, 3, 3),  # 8 batches: 3 + 3 + the tail of 2
     ],
 )
-def test_an_iterable_steps_on_the_partial_macro_batch_at_the_epochs_real_end(samples, cg_phase, iterations_per_epoch):
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, cg_phase=cg_phase)
+def test_an_iterable_steps_on_the_partial_macro_batch_at_the_epochs_real_end(
+    samples, batches_per_iteration, iterations_per_epoch
+):
+    callback = swap_at(1, batches_per_iteration=batches_per_iteration)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
     trainer.fit(StreamClassifier(samples))
     assert trainer.optimizers[0].optimizer.totals["iterations"] == 2 * iterations_per_epoch
@@ -345,7 +363,7 @@ class StopsAtBatchSix(TinyClassifier):
 def test_an_epoch_cut_short_by_on_train_batch_start_still_steps_on_its_batches():
     SpyConjugateGradient.records = []
     model = StopsAtBatchSix(samples=240, batch_size=30)
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    callback = swap_at(1, optimizer=spy_factory)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
     trainer.fit(model)
     assert trainer.optimizers[0].optimizer.totals["iterations"] == 2
@@ -378,7 +396,7 @@ def test_a_persistent_nan_stops_training_with_the_weights_intact_even_with_the_f
         def on_train_epoch_start(self, trainer, pl_module):
             before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
 
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, fallback=True)
+    callback = swap_at(1, fallback=True)
     trainer = pl.Trainer(callbacks=[callback, Snapshot()], **trainer_kwargs(max_epochs=4))
     with pytest.raises(NonFiniteObjectiveError, match=r"batches \[2, 5\] of epoch 2"):
         trainer.fit(model)
@@ -404,10 +422,10 @@ class UnfreezeAtEpoch2(pl.callbacks.BaseFinetuning):
 def test_parameters_unfrozen_after_the_swap_join_the_cg_phase_with_their_exact_gradient():
     SpyConjugateGradient.records = []
     model = LogisticRegressionMLP()
-    starts = StartWeights()
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    starts, first = StartWeights(), FirstOptimizer()
+    callback = swap_at(1, optimizer=spy_factory)
     trainer = pl.Trainer(
-        callbacks=[UnfreezeAtEpoch2(), callback, starts], **trainer_kwargs(max_epochs=4, precision="64-true")
+        callbacks=[UnfreezeAtEpoch2(), callback, starts, first], **trainer_kwargs(max_epochs=4, precision="64-true")
     )
     trainer.fit(model)
     cg = trainer.optimizers[0].optimizer
@@ -418,8 +436,8 @@ def test_parameters_unfrozen_after_the_swap_join_the_cg_phase_with_their_exact_g
         reference.load_state_dict(starts.by_epoch[epoch])
         # The start gradient covers the unfrozen layer too: the exact full-batch gradient of every parameter.
         assert record["grad_norm"] == pytest.approx(exact_gradient_norm(reference, dataset), rel=1e-10)
-    first = callback._phase.first.optimizers[0]
-    assert len(first.param_groups) == 2  # the fallback's Adam knows the new group
+    assert isinstance(first.optimizer, torch.optim.Adam)
+    assert len(first.optimizer.param_groups) == 2  # the fallback's Adam knows the new group
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -440,7 +458,7 @@ class NumpyAndRandomNoise(TinyClassifier):
 
 def test_numpy_and_python_random_repeat_at_every_trial_point():
     SpyConjugateGradient.records = []
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    callback = swap_at(1, optimizer=spy_factory)
     pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(NumpyAndRandomNoise())
     assert len(SpyConjugateGradient.records) == 2
     for record in SpyConjugateGradient.records:
@@ -479,7 +497,7 @@ def test_trial_evaluations_leave_the_modules_attributes_as_the_loop_left_them():
     SpyConjugateGradient.records = []
     TRIAL_FLAGS.clear()
     model = KeepsOutputsAndState()
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=spy_factory)
+    callback = swap_at(1, optimizer=spy_factory)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
     trainer.fit(model)
     batches = trainer.num_training_batches
@@ -492,7 +510,7 @@ def test_trial_evaluations_leave_the_modules_attributes_as_the_loop_left_them():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models that do more than compute a loss, through the default callback's first phase (probes) and its CG phase
+# Models that do more than compute a loss, through the default callback's first phase and its CG phase
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -598,12 +616,6 @@ def lbfgs(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     return torch.optim.LBFGS(groups, max_iter=1, history_size=10, line_search_fn="strong_wolfe")
 
 
-def probing_callback(**kwargs: Any) -> ConvexitySwapCallback:
-    """The default callback with a probe at once and a margin any probe clears: probes, then the swap."""
-    detector = ProbeDetector(first_probe_epoch=1, probe_iterations=2, window=3, margin=1e-9, spacing=(1.25, 1.5))
-    return ConvexitySwapCallback(detector=detector, **kwargs)
-
-
 def weights(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -612,40 +624,40 @@ def weights(model: nn.Module) -> list[torch.Tensor]:
     ("model", "kwargs"),
     [
         (CarriedGRU, {}),
-        (CheckpointedClassifier, {"optimizer_kwargs": {"line_search": "strong_wolfe"}}),
+        (CheckpointedClassifier, {"optimizer": {"line_search": "strong_wolfe"}}),
         (KeepsNestedState, {}),
-        (TinyClassifier, {"optimizer_factory": lbfgs}),
+        (TinyClassifier, {"optimizer": lbfgs}),
     ],
     ids=["carried-rnn-state", "reentrant-checkpointing", "nested-module-state", "lbfgs-factory"],
 )
-def test_the_default_callback_probes_swaps_and_runs_the_cg_phase_on_models_that_do_more(model, kwargs):
-    callback = probing_callback(**kwargs)
-    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=6))
-    trainer.fit(model())
-    # The rule's window of 3 checks, a probe over epoch 4: the swap at its end, two CG epochs.
-    assert callback._record.probe_compute > 0 and callback.swap_epoch == 4 and callback.phase == "cg"
+def test_the_default_callback_swaps_and_runs_the_cg_phase_on_models_that_do_more(model, kwargs):
+    # The default rule (the plateau detector) watches the first phase; swap_epoch=4 bounds it: two CG epochs.
+    callback = ConvexitySwapCallback(swap_epoch=4, **kwargs)
+    fit(model(), callback, max_epochs=6)
+    assert callback.swap_epoch == 4 and callback.phase == "cg"
     cg_checks = [record for record in callback.history if record["phase"] == "cg"]
     assert len(cg_checks) == 2 and all(math.isfinite(record["loss"]) for record in cg_checks)
 
 
-def test_a_carried_rnn_state_evaluates_batch_by_batch_with_the_numbers_of_trial_batching_batches():
-    results = []
-    for trial_batching in ("auto", "batches"):
-        model = CarriedGRU()
-        callback = ConvexitySwapCallback(fixed_swap_epoch=1, trial_batching=trial_batching)
-        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
-        assert callback.phase == "cg"
-        results.append((weights(model), model.hidden.clone(), callback.state_dict()["trial_batching"]))
-    (auto, auto_hidden, decided), (batches, batches_hidden, _) = results
-    assert decided == "batches"  # the one chunk failed: a hidden state for 32 sequences, a chunk of 128
-    assert all(torch.equal(a, b) for a, b in zip(auto, batches)) and torch.equal(auto_hidden, batches_hidden)
+def test_a_carried_rnn_state_evaluates_batch_by_batch_with_the_loops_numbers():
+    SpyConjugateGradient.records = []
+    model = CarriedGRU()
+    callback = swap_at(1, optimizer=spy_factory)
+    fit(model, callback, max_epochs=3)
+    assert callback.phase == "cg"
+    # The one chunk failed (a hidden state for 32 sequences, a chunk of 128): batch by batch, decided once.
+    assert callback.state_dict()["trial_batching"] == "batches"
+    assert len(SpyConjugateGradient.records) == 2
+    for record in SpyConjugateGradient.records:
+        # The failed chunk left no trace: every evaluation at the start is the loop's own loss.
+        assert record["value_1"] == record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
 
 
 def test_reentrant_checkpointing_in_the_cg_phase_gets_the_numbers_of_the_non_reentrant_kind():
     results = []
     for reentrant in (True, False):
         model = CheckpointedClassifier(reentrant)
-        callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_kwargs={"line_search": "strong_wolfe"})
+        callback = swap_at(1, optimizer={"line_search": "strong_wolfe"})
         pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
         results.append((weights(model), callback.history))
         assert callback.phase == "cg"
@@ -655,17 +667,13 @@ def test_reentrant_checkpointing_in_the_cg_phase_gets_the_numbers_of_the_non_ree
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("make_callback", "epochs"),
-    [(lambda: ConvexitySwapCallback(fixed_swap_epoch=1), 3), (probing_callback, 5)],
-    ids=["forced-swap", "probes-then-swap"],
-)
-def test_nested_module_state_changed_at_trial_points_is_put_back(make_callback, epochs):
+def test_nested_module_state_changed_at_trial_points_is_put_back():
+    epochs = 3
     results = []
     for guarded in (False, True):
         model = KeepsNestedState(guarded)
-        callback = make_callback()
-        pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=epochs)).fit(model)
+        callback = swap_at(1)
+        fit(model, callback, max_epochs=epochs)
         assert callback.phase == "cg"
         results.append((weights(model), model.state()))
     (unguarded, state), (guarded, guarded_state) = results
@@ -677,15 +685,14 @@ def test_nested_module_state_changed_at_trial_points_is_put_back(make_callback, 
 
 
 def test_an_optimizer_factorys_steps_are_checked_and_fall_back_on_a_rising_loss():
-    """optimizer_factory (L-BFGS): history, the loss and the fallback rules work as for conjugate gradient."""
-    callback = ConvexitySwapCallback(
-        fixed_swap_epoch=1, optimizer_factory=lbfgs, fallback_loss_window=5, fallback_progress_window=None
-    )
+    """optimizer=<factory> (L-BFGS): history, the loss and the fallback rules work as for conjugate gradient."""
+    callback = swap_at(1, optimizer=lbfgs, fallback=FallbackPolicy(loss_window=5, progress_window=None))
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=12, precision="64-true"))
     with pytest.warns(UserWarning, match="the training loss rose over 5 CG checks"):
         trainer.fit(DriftingLogisticRegression(1e-2))
     phases = [record["phase"] for record in callback.history]
     assert phases[0] == "first" and phases.count("cg") > 5 and callback.phase == "fallback"
+    assert callback.fallback_decision.reason is Reason.LOSS_ROSE
     cg = [record for record in callback.history if record["phase"] == "cg"]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in cg)
     assert [r["compute"] for r in cg] == sorted(r["compute"] for r in cg) and cg[0]["compute"] > 0
@@ -702,7 +709,7 @@ def test_an_optimizer_factory_never_steps_from_a_non_finite_start():
         def on_train_epoch_start(self, trainer, pl_module):
             before.update({k: v.clone() for k, v in pl_module.state_dict().items()})
 
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, optimizer_factory=lbfgs)
+    callback = swap_at(1, optimizer=lbfgs)
     trainer = pl.Trainer(callbacks=[callback, Snapshot()], **trainer_kwargs(max_epochs=4))
     with pytest.raises(NonFiniteObjectiveError, match=r"batches \[2, 5\] of epoch 2"):
         trainer.fit(model)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,18 +10,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_twophase import ConvexitySwapCallback, ProbeDetector
-from tests.conftest import PeakingClassifier, blobs, run_on_ranks, trainer_kwargs
+from lightning_twophase import ConvexitySwapCallback, FallbackPolicy, PlateauDetector, Reason
+from tests.conftest import PeakingClassifier, blobs, run_on_ranks, swap_at, trainer_kwargs
 from tests.integration.test_cg_phase import SpyConjugateGradient, StartWeights, spy_factory
 
 
-def _fit_rank(rank: int, world_size: int, cg_phase: Any, line_search: str) -> dict[str, Any]:
+def _fit_rank(rank: int, world_size: int, batches_per_iteration: int | None, line_search: str) -> dict[str, Any]:
     model = PeakingClassifier()  # the same initial weights on both ranks; DistributedSampler splits the data
+    # The paper's rule alone; the CG phase preconditioned by Adam's second moments (the default).
     callback = ConvexitySwapCallback(
         detector="paper",
-        cg_phase=cg_phase,
-        optimizer_kwargs={"line_search": line_search},
-        preconditioner="second_moments",
+        swap_epoch=None,
+        batches_per_iteration=batches_per_iteration,
+        optimizer={"line_search": line_search},
     )
     trainer = pl.Trainer(
         callbacks=[callback],
@@ -42,10 +42,10 @@ def _fit_rank(rank: int, world_size: int, cg_phase: Any, line_search: str) -> di
 
 
 @pytest.mark.parametrize(
-    ("cg_phase", "line_search"), [("full", "brent"), (2, "strong_wolfe")], ids=["full-brent", "macro2-wolfe"]
+    ("batches_per_iteration", "line_search"), [(None, "brent"), (2, "strong_wolfe")], ids=["full-brent", "macro2-wolfe"]
 )
-def test_ranks_swap_at_the_same_step_and_keep_identical_weights(cg_phase, line_search):
-    rank0, rank1 = run_on_ranks(_fit_rank, cg_phase, line_search)
+def test_ranks_swap_at_the_same_step_and_keep_identical_weights(batches_per_iteration, line_search):
+    rank0, rank1 = run_on_ranks(_fit_rank, batches_per_iteration, line_search)
     assert rank0["batches"] == rank1["batches"] == 4  # 240 samples / 2 ranks / batches of 32
     assert rank0["swap_step"] is not None and rank0["swap_step"] == rank1["swap_step"]
     assert rank0["swap_epoch"] == rank1["swap_epoch"] < 10
@@ -62,7 +62,7 @@ def test_ranks_swap_at_the_same_step_and_keep_identical_weights(cg_phase, line_s
 
 def test_ddp_spawn_runs_the_swap_and_reports_it_to_the_launching_process():
     model = PeakingClassifier()
-    callback = ConvexitySwapCallback(fixed_swap_epoch=2)
+    callback = swap_at(2)
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=4, strategy="ddp_spawn", devices=2))
     before = [p.detach().clone() for p in model.parameters()]
     trainer.fit(model)
@@ -86,7 +86,7 @@ def _fit_unequal_rank(rank: int, world_size: int) -> dict[str, Any]:
     SpyConjugateGradient.records = []
     model = UnequalShards()
     starts = StartWeights()
-    callback = ConvexitySwapCallback(fixed_swap_epoch=2, optimizer_factory=spy_factory)
+    callback = swap_at(2, optimizer=spy_factory)
     trainer = pl.Trainer(
         callbacks=[callback, starts],
         **trainer_kwargs(max_epochs=5, strategy="ddp", devices=world_size, use_distributed_sampler=False),
@@ -124,33 +124,44 @@ def test_unequal_shards_give_the_global_sample_weighted_objective_on_every_rank(
     assert first_phase == [3 * 220, 2 * 3 * 220]
 
 
-def _fit_probing_rank(rank: int, world_size: int, margin: float) -> dict[str, Any]:
+def _fit_plateau_rank(rank: int, world_size: int, policy: FallbackPolicy) -> dict[str, Any]:
     model = UnequalShards()  # shards of different sizes: each rank counts a different compute
-    detector = ProbeDetector(first_probe_epoch=2, probe_iterations=3, window=3, margin=margin, spacing=(1.25, 1.5))
-    callback = ConvexitySwapCallback(detector=detector)
+    # A plateau rule this short run reaches (the default's needs a longer one); no swap_epoch bound.
+    detector = PlateauDetector(window=2, min_improvement=0.5)
+    callback = ConvexitySwapCallback(detector=detector, swap_epoch=None, fallback=policy, log_figures=False)
     trainer = pl.Trainer(
         callbacks=[callback],
-        **trainer_kwargs(max_epochs=8, strategy="ddp", devices=world_size, use_distributed_sampler=False),
+        **trainer_kwargs(max_epochs=9, strategy="ddp", devices=world_size, use_distributed_sampler=False),
     )
     trainer.fit(model)
     return {
         "weights": [p.detach().clone() for p in model.parameters()],
         "history": callback.history,
+        "compute": callback.compute,
         "swap_step": callback.swap_step,
-        "probe_compute": callback._record.probe_compute,
+        "swap_decision": callback.swap_decision,
+        "fallback_decision": callback.fallback_decision,
+        "phase": callback.phase,
+        "optimizer": type(trainer.optimizers[0]).__name__,
     }
 
 
-@pytest.mark.parametrize("margin", [1e9, 1e-9], ids=["cg-behind", "cg-ahead"])
-def test_probes_run_on_every_rank_together_and_the_swap_follows_rank_0(margin):
-    rank0, rank1 = run_on_ranks(_fit_probing_rank, margin)
-    assert rank0["probe_compute"] > 0 and rank1["probe_compute"] > 0  # both ranks ran the probes' collectives
-    # The compute is added up over the ranks: the same numbers on every rank.
-    ratios = [[r.get("probe_ratio", math.nan) for r in result["history"]] for result in (rank0, rank1)]
-    assert ratios[0] == pytest.approx(ratios[1], rel=1e-12, nan_ok=True)
-    assert rank0["probe_compute"] == rank1["probe_compute"]
-    assert any(math.isfinite(ratio) for ratio in ratios[0])
-    assert rank0["swap_step"] == rank1["swap_step"]
-    assert (rank0["swap_step"] is None) == (margin > 1)
+@pytest.mark.parametrize(("margin", "phase"), [(0.25, "cg"), (0.99, "fallback")], ids=["cg-ahead", "cg-behind"])
+def test_the_plateau_rule_and_the_progress_guard_decide_together_on_every_rank(margin, phase):
+    # The guard judges at every CG check; 0.99 of the first optimizer's projected progress is more than CG makes here.
+    rank0, rank1 = run_on_ranks(_fit_plateau_rank, FallbackPolicy(progress_window=1, progress_margin=margin))
+    # Decided on reduced numbers, the compute added up over the ranks: the same everywhere.
+    assert rank0["history"] == rank1["history"] and rank0["compute"] == rank1["compute"]
+    first_phase = [record["compute"] for record in rank0["history"] if record["phase"] == "first"]
+    assert first_phase == [3 * 220 * (k + 1) for k in range(len(first_phase))]
+    assert rank0["swap_step"] is not None and rank0["swap_step"] == rank1["swap_step"]
+    assert rank0["swap_decision"] == rank1["swap_decision"] and rank0["swap_decision"].reason is Reason.PLATEAU
+    assert rank0["phase"] == rank1["phase"] == phase
+    assert rank0["fallback_decision"] == rank1["fallback_decision"]
+    if phase == "fallback":
+        assert rank0["fallback_decision"].reason is Reason.BEHIND_FIRST_OPTIMIZER
+        assert rank0["optimizer"] == rank1["optimizer"] == "Adam"
+    else:
+        assert rank0["fallback_decision"] is None and len(rank0["history"]) > len(first_phase) + 1
     for a, b in zip(rank0["weights"], rank1["weights"]):
         assert torch.equal(a, b)

@@ -9,14 +9,14 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_twophase import ConvexitySwapCallback, tags
-from tests.conftest import PeakingClassifier, trainer_kwargs
+from lightning_twophase import ConvexitySwapCallback, Reason, tags
+from tests.conftest import PeakingClassifier, fit, trainer_kwargs
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tensorboard")
-    callback = ConvexitySwapCallback(detector="paper")
+    callback = ConvexitySwapCallback(detector="paper", swap_epoch=None)  # the paper's rule alone
     logger = TensorBoardLogger(directory, name="run")
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=10, logger=logger))
     trainer.fit(PeakingClassifier())
@@ -42,8 +42,8 @@ def test_every_tag_of_the_custom_scalars_layout_is_logged(run):
     _, _, events, _ = run
     layout = tags.CUSTOM_SCALARS_LAYOUT
     charted = {tag for section in layout.values() for _, names in section.values() for tag in names}
-    # This run uses the paper's rule; the chart of the probes' ratio is the default rule's.
-    assert charted - {tags.PROBE_RATIO} <= set(events.Tags()["scalars"])
+    # This run uses the paper's rule; the chart of the improvement is the plateau rule's.
+    assert charted - {tags.IMPROVEMENT} <= set(events.Tags()["scalars"])
 
 
 def test_swap_text_figure_and_layout(run):
@@ -72,8 +72,18 @@ def test_history_csv_and_png_next_to_the_logs(run):
 def test_attributes_and_callback_metrics_after_fit(run):
     callback, trainer, _, _ = run
     assert callback.swap_step == callback.swap_epoch * trainer.num_training_batches
-    assert callback.swap_reason.startswith("the gradient norm")
+    assert callback.swap_decision.reason is Reason.NORM_PEAK and callback.swap_reason.startswith("the gradient norm")
     metrics = trainer.callback_metrics
     assert float(metrics["twophase/swap_epoch"]) == callback.swap_epoch
     assert float(metrics["twophase/swap_step"]) == callback.swap_step
     assert float(metrics["twophase/phase"]) == 1.0
+
+
+def test_the_default_rules_measure_is_logged_for_its_chart(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    callback = ConvexitySwapCallback(log_figures=False)
+    fit(PeakingClassifier(), callback, max_epochs=5, logger=logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    measured = [record["improvement"] for record in callback.history if "improvement" in record]
+    assert measured and [event.value for event in events.Scalars(tags.IMPROVEMENT)] == pytest.approx(measured)

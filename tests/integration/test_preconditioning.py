@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback
+from lightning_twophase import ConjugateGradient
 from lightning_twophase.optim.conjugate_gradient import BETA_FORMULAS
-from lightning_twophase.preconditioning import second_moment_preconditioner
-from tests.conftest import TinyClassifier, trainer_kwargs
+from lightning_twophase.preconditioning import FLOOR, second_moment_preconditioner
+from tests.conftest import TinyClassifier, fit, swap_at
+from tests.integration.test_cg_phase import FirstOptimizer
 
 BETAS = sorted(set(BETA_FORMULAS.values()))
 
@@ -138,7 +138,18 @@ def test_bad_preconditioners_are_refused():
         ConjugateGradient([x], preconditioner=[])
 
 
-def test_second_moment_preconditioner_is_adams_bias_corrected_scale_normalised_to_mean_one():
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def median_is_one(diagonal: list[torch.Tensor]) -> bool:
+    """At least half the entries are at least 1 and at least half at most 1 (for an even count too)."""
+    values = flat(diagonal)
+    half = values.numel() // 2
+    return int((values >= 1).sum()) >= half and int((values <= 1).sum()) >= half
+
+
+def test_second_moment_preconditioner_is_adams_bias_corrected_scale_relative_to_its_median():
     model = nn.Linear(4, 2)
     adam = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
     for _ in range(5):
@@ -146,15 +157,32 @@ def test_second_moment_preconditioner_is_adams_bias_corrected_scale_normalised_t
         model(torch.randn(8, 4)).pow(2).sum().backward()
         adam.step()
     diagonal = second_moment_preconditioner(adam)
-    raw = []
+    scales = []
     for p in model.parameters():
         state = adam.state[p]
-        raw.append(1 / ((state["exp_avg_sq"] / (1 - 0.99 ** float(state["step"]))).sqrt() + 1e-6))
-    mean = torch.cat([r.reshape(-1) for r in raw]).mean()
-    for got, expected in zip(diagonal, raw):
-        torch.testing.assert_close(got, expected / mean)
-    assert math.isclose(float(torch.cat([d.reshape(-1) for d in diagonal]).mean()), 1.0, rel_tol=1e-6)
+        scales.append((state["exp_avg_sq"] / (1 - 0.99 ** float(state["step"]))).sqrt())
+    median = flat(scales).median()
+    assert float(flat(scales).min()) > FLOOR * float(median)  # no floor here: Adam's own 1 / sqrt(v_hat), rescaled
+    for got, scale in zip(diagonal, scales):
+        torch.testing.assert_close(got, median / scale)
+    assert median_is_one(diagonal)
     assert second_moment_preconditioner(torch.optim.SGD(model.parameters(), lr=0.1)) is None
+
+
+def test_second_moment_preconditioner_floors_vanishing_scales_and_gives_weights_without_state_the_median():
+    model = nn.Linear(4, 2)
+    silent = nn.Parameter(torch.ones(3))  # its gradient is always zero: v_hat = 0
+    unused = nn.Parameter(torch.ones(2))  # never gets a gradient: no state
+    adam = torch.optim.Adam([*model.parameters(), silent, unused], lr=0.01)
+    for _ in range(3):
+        adam.zero_grad()
+        (model(torch.randn(8, 4)).pow(2).sum() + 0 * silent.sum()).backward()
+        adam.step()
+    *used, for_silent, for_unused = second_moment_preconditioner(adam)
+    assert all(bool(torch.isfinite(d).all()) for d in used)
+    # The silent weights get the floor's step scale, not an infinite one; the unused ones the median's.
+    torch.testing.assert_close(for_silent, torch.full((3,), 1 / FLOOR))
+    assert torch.equal(for_unused, torch.ones(2))
 
 
 class SGDClassifier(TinyClassifier):
@@ -164,34 +192,33 @@ class SGDClassifier(TinyClassifier):
 
 def swap_preconditioner(model: pl.LightningModule, **callback_kwargs: Any) -> tuple[Any, Any]:
     """The CG phase's preconditioner after a swap at epoch 1, and the first-phase optimizer it came from."""
-    callback = ConvexitySwapCallback(fixed_swap_epoch=1, **callback_kwargs)
-    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=2))
-    trainer.fit(model)
-    return trainer.optimizers[0].optimizer.preconditioner, callback._phase.first.optimizers[0]
+    first = FirstOptimizer()
+    trainer = fit(model, swap_at(1, **callback_kwargs), first, max_epochs=2)
+    return trainer.optimizers[0].optimizer.preconditioner, first.optimizer
 
 
-def test_the_callback_preconditions_with_the_first_phases_second_moments():
-    diagonal, adam = swap_preconditioner(TinyClassifier(), preconditioner="second_moments")
+@pytest.mark.parametrize("options", [None, {"preconditioner": "second_moments"}], ids=["default", "asked-for"])
+def test_the_callback_preconditions_with_the_first_phases_second_moments(options):
+    diagonal, adam = swap_preconditioner(TinyClassifier(), optimizer=options)
     assert isinstance(adam, torch.optim.Adam)
     for got, expected in zip(diagonal, second_moment_preconditioner(adam)):
         assert torch.equal(got, expected)
-    mean = float(torch.cat([d.reshape(-1) for d in diagonal]).mean())
-    assert mean == pytest.approx(1.0, rel=1e-5)
+    assert median_is_one(diagonal)
     assert float(torch.cat([d.reshape(-1) for d in diagonal]).std()) > 0.05  # a real, non-uniform scaling
 
 
 def test_a_first_optimizer_without_second_moments_gives_plain_cg_with_a_warning():
     with pytest.warns(UserWarning, match="has no second moments"):
-        diagonal, _ = swap_preconditioner(SGDClassifier(), preconditioner="second_moments")
+        diagonal, _ = swap_preconditioner(SGDClassifier())  # the default asks for second moments
     assert diagonal is None
 
 
 def test_no_preconditioner_and_a_user_supplied_one():
-    diagonal, _ = swap_preconditioner(TinyClassifier())
-    assert diagonal is None  # plain CG by default
+    diagonal, _ = swap_preconditioner(TinyClassifier(), optimizer={"preconditioner": "none"})
+    assert diagonal is None  # plain CG
 
     def halves(optimizer):
         return [torch.full_like(p, 0.5) for group in optimizer.param_groups for p in group["params"]]
 
-    diagonal, _ = swap_preconditioner(TinyClassifier(), preconditioner=halves)
+    diagonal, _ = swap_preconditioner(TinyClassifier(), optimizer={"preconditioner": halves})
     assert all(bool((d == 0.5).all()) for d in diagonal)

@@ -9,17 +9,17 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_twophase import ConvexitySwapCallback, ProbeDetector
-from lightning_twophase._macro_batch import _MacroBatchOptimizer as MacroBatchOptimizer
-from tests.conftest import PeakingClassifier, trainer_kwargs
+from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, Reason
+from tests.conftest import PeakingClassifier, swap_at, trainer_kwargs
 
 MAX_EPOCHS = 10
 
 
 def run(directory: Path, ckpt_path: str | None = None, **callback_kwargs) -> tuple[PeakingClassifier, pl.Trainer]:
     model = PeakingClassifier()
-    # Preconditioned, so that resume after the swap must also bring the diagonal back with the optimizer state.
-    callback = ConvexitySwapCallback(detector="paper", preconditioner="second_moments", **callback_kwargs)
+    # The paper's rule alone (no swap_epoch bound), with the default CG phase: preconditioned, so that resume after the
+    # swap must also bring the diagonal back with the optimizer state.
+    callback = ConvexitySwapCallback(detector="paper", swap_epoch=None, **callback_kwargs)
     checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
         callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=MAX_EPOCHS, enable_checkpointing=True)
@@ -59,7 +59,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(uninterrupted, tm
         reference.swap_step,
         reference.swap_reason,
     )
-    assert isinstance(trainer.optimizers[0], MacroBatchOptimizer)
+    assert resumed.swap_decision.reason is reference.swap_decision.reason is Reason.NORM_PEAK
+    assert isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
     assert resumed.history == reference.history
@@ -77,7 +78,7 @@ def test_a_checkpoint_after_the_swap_holds_the_cg_state_and_the_first_phase_for_
     (optimizer_state,) = saved["optimizer_states"]
     assert "macro_batch" in optimizer_state and optimizer_state["param_groups"][0]["line_search"] == "interpolation"
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
-    adam_state = state["first_optimizer_state"]["optimizer"]
+    adam_state = state["first_optimizer"]["optimizer"]
     assert "betas" in adam_state["param_groups"][0]  # the Adam the fallback would resume
 
 
@@ -90,7 +91,7 @@ def run_validation_checkpoints(
     directory: Path, ckpt_path: str | None = None, trainer_overrides: dict | None = None
 ) -> tuple[PeakingClassifier, ConvexitySwapCallback]:
     model = PeakingClassifier()
-    callback = ConvexitySwapCallback(fixed_swap_epoch=4)
+    callback = swap_at(4)
     extra = {"save_on_train_epoch_end": False} if trainer_overrides else {}
     checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}-{step}", save_top_k=-1, **extra)
     overrides = trainer_overrides or {"check_val_every_n_epoch": 2}
@@ -127,9 +128,9 @@ def test_a_mid_epoch_checkpoint_carries_the_sums_of_the_checks_first_batches(tmp
     run_validation_checkpoints(tmp_path, trainer_overrides={"val_check_interval": 0.5})
     saved = torch.load(tmp_path / "epoch=3-step=28.ckpt", weights_only=False)
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
-    loss_sum, loss_batches, norm_sum, norm_steps = state["pending"]
-    # The default detector measures the norm on the first step of a check and every eighth after.
-    assert (loss_batches, norm_steps) == (4, 1) and loss_sum > 0 and norm_sum > 0
+    loss_sum, loss_batches, norm_sum, norm_steps, samples = state["pending"]
+    # Without a detector the norm is measured (for the logs) on the first step of a check and every 32nd after.
+    assert (loss_batches, norm_steps, samples) == (4, 1, 128) and loss_sum > 0 and norm_sum > 0
     assert len(state["record"]["history"]) == 3  # the checks of epochs 0 to 2
 
 
@@ -153,7 +154,7 @@ def resume(checkpoint: str, callback: pl.Callback | None, directory: Path) -> pl
 
 
 def test_new_cg_options_apply_on_resume_and_are_announced(uninterrupted, tmp_path):
-    callback = ConvexitySwapCallback(optimizer_kwargs={"beta": "pr+", "line_search": "strong_wolfe", "max_evals": 7})
+    callback = ConvexitySwapCallback(optimizer={"beta": "pr+", "line_search": "strong_wolfe", "max_evals": 7})
     with pytest.warns(
         UserWarning, match=r"options changed since the checkpoint.*beta.*hager_zhang.*polak_ribiere_plus"
     ):
@@ -167,7 +168,7 @@ def test_another_second_phase_optimizer_on_resume_starts_afresh_with_a_warning(u
     def lbfgs(groups):
         return torch.optim.LBFGS(groups, max_iter=1, line_search_fn="strong_wolfe")
 
-    callback = ConvexitySwapCallback(optimizer_factory=lbfgs)
+    callback = ConvexitySwapCallback(optimizer=lbfgs)
     with pytest.warns(UserWarning, match=r"ConjugateGradient.*LBFGS.*afresh"):
         trainer = resume(cg_checkpoint(uninterrupted), callback, tmp_path)
     assert isinstance(trainer.optimizers[0].optimizer, torch.optim.LBFGS)
@@ -186,24 +187,3 @@ def test_resuming_a_cg_phase_checkpoint_without_the_callback_names_it(uninterrup
     # names the missing callback before the optimizer state fails to load.
     with pytest.warns(UserWarning, match="ConvexitySwapCallback"), pytest.raises(KeyError):
         resume(cg_checkpoint(uninterrupted), None, tmp_path)
-
-
-def run_probing(directory: Path, ckpt_path: str | None = None) -> tuple[PeakingClassifier, ConvexitySwapCallback]:
-    model = PeakingClassifier()
-    # Any progress of CG's is ahead: the swap follows the first probe, asked for after epoch 3 (three checks are
-    # needed for a rate) and run over epoch 4.
-    callback = ConvexitySwapCallback(detector=ProbeDetector(first_probe_epoch=2, probe_iterations=3, margin=1e-9))
-    checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
-    trainer = pl.Trainer(callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=6, enable_checkpointing=True))
-    trainer.fit(model, ckpt_path=ckpt_path)
-    return model, callback
-
-
-def test_a_probe_asked_for_before_a_checkpoint_runs_after_resume(tmp_path):
-    reference_model, reference = run_probing(tmp_path / "uninterrupted")
-    assert reference.swap_epoch == 4
-    # Written after epoch 3, whose check asked for the probe over epoch 4.
-    model, resumed = run_probing(tmp_path / "resumed", ckpt_path=str(tmp_path / "uninterrupted" / "epoch=2.ckpt"))
-    assert (resumed.swap_epoch, resumed.swap_reason) == (reference.swap_epoch, reference.swap_reason)
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import csv
+import math
 
-from lightning_twophase.detection import GradientNormPeakDetector, ProbeDetector
+from lightning_twophase.detection import GradientNormPeakDetector, PlateauDetector
 from lightning_twophase.monitoring import no_swap_message, norm_vs_loss_figure, render_rgb, write_history_csv
 
 
@@ -36,14 +37,19 @@ def test_history_csv_takes_the_columns_of_every_check(tmp_path):
     assert rows[1]["gn_max"] == "" and rows[1]["phase"] == "cg"
 
 
-def test_the_closing_line_without_a_swap_says_what_the_detector_last_measured():
+def test_the_closing_line_without_a_swap_says_what_the_rule_last_answered():
     history = [{"loss": 0.5, "grad_norm": 1.0}]
-    probing = ProbeDetector()
-    assert no_swap_message(history, 300, probing) == "ConvexitySwapCallback: no swap point was found in 300 epochs."
-    probing.last_ratio = 0.25
-    assert "the last probe measured conjugate gradient at 0.25 x the first optimizer's rate" in no_swap_message(
-        history, 300, probing
-    )
+    assert no_swap_message(history, 300, None) == "ConvexitySwapCallback: no swap point was found in 300 epochs."
     paper = GradientNormPeakDetector()
-    paper.update(0.5, 2.0, epoch=1, step=1)
-    assert "(peak gradient norm 2)" in no_swap_message(history, 300, paper)
+    last = paper.update(0.5, 2.0, epoch=1, step=1)
+    assert "(the rule's last answer: the gradient norm is at a new peak 2)" in no_swap_message(history, 300, last)
+    plateau = PlateauDetector(window=1)
+    plateau.update(1.0, math.nan, epoch=1, step=1)
+    last = plateau.update(0.5, math.nan, epoch=2, step=2)
+    assert f"(the rule's last answer: {last.message})" in no_swap_message(history, 300, last)
+
+
+def test_the_closing_line_names_a_loss_that_was_never_finite():
+    history = [{"loss": math.nan, "grad_norm": 1.0}, {"loss": math.inf, "grad_norm": math.nan}]
+    message = no_swap_message(history, 3, None)
+    assert "every check had a non-finite loss (the last: inf)" in message and "NaN or overflow" in message

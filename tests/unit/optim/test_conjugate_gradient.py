@@ -379,9 +379,13 @@ def test_per_group_options_are_refused():
     [
         ({"beta": "steepest"}, "unknown `beta"),
         ({"line_search": "exact"}, "unknown `line_search"),
-        ({"lr": -1.0}, "must be positive"),
+        ({"lr": -1.0}, r"`lr` must lie in \(0.0, inf\)"),
         ({"c1": 0.5, "c2": 0.1}, "0 < c1 < c2 < 1"),
         ({"max_iter": 0}, "max_iter"),
+        # NaN compares false with everything: named as such, not as a parameter-group override.
+        ({"c2": math.nan}, "`c2` must be a finite number"),
+        ({"line_search_tolerance": math.nan}, "`line_search_tolerance` must be a finite number"),
+        ({"max_iter": 2.5}, "`max_iter` must be a whole number"),
     ],
 )
 def test_bad_options_are_clear_errors(kwargs, match):
