@@ -166,9 +166,9 @@ def run(
     model = make_model(model_name, seed)
     total_epochs = adam_epochs + cg_epochs
     if callback_kwargs is None:  # Adam all the way; the callback only watches, to report the detected point
-        callback = ConvexitySwapCallback(detect_only=True, log_figures=False)
+        callback = ConvexitySwapCallback(detect_only=True, detector="paper", swap_epoch=None, log_figures=False)
     else:
-        callback = ConvexitySwapCallback(fixed_swap_epoch=adam_epochs, log_figures=False, **callback_kwargs)
+        callback = ConvexitySwapCallback(detector=None, swap_epoch=adam_epochs, log_figures=False, **callback_kwargs)
     trainer = quiet_trainer(total_epochs, [callback])
     began = time.perf_counter()
     trainer.fit(model, train_dataloaders=DeviceTensorLoader(*train, batch_size=512, shuffle=True, seed=seed))
@@ -300,18 +300,18 @@ def main() -> None:
     a, c = args.adam_epochs, args.cg_epochs
     schedules: list[tuple[str, str, dict[str, Any] | None]] = [
         ("adam", f"Adam {a + c}", None),
-        ("full", f"Adam {a} + full-batch CG {c}", {"preconditioner": "none"}),
-        ("full-precond", f"Adam {a} + full-batch CG {c}, Adam-preconditioned", {"preconditioner": "second_moments"}),
+        ("full", f"Adam {a} + full-batch CG {c}", {"optimizer": {"preconditioner": "none"}}),
+        ("full-precond", f"Adam {a} + full-batch CG {c}, Adam-preconditioned", {}),
         # The unsound modes run without the fallback, so that the table shows what they do to the Adam result.
         (
             "macro",
             f"Adam {a} + macro-batch CG {c} (K={args.macro_batches} batches)",
-            {"cg_phase": args.macro_batches, "preconditioner": "none", "fallback": False},
+            {"batches_per_iteration": args.macro_batches, "optimizer": {"preconditioner": "none"}, "fallback": False},
         ),
         (
             "minibatch",
             f"Adam {a} + per-mini-batch CG {c}",
-            {"cg_phase": "minibatch", "preconditioner": "none", "fallback": False},
+            {"batches_per_iteration": 1, "optimizer": {"preconditioner": "none"}, "fallback": False},
         ),
     ]
     results = []

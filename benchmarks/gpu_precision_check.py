@@ -2,7 +2,7 @@
 
 A tanh MLP 64-64-10 on scikit-learn's 8x8 digits (1,797 images, shipped with scikit-learn), cross-entropy plus an L2
 penalty (so that the training loss has a minimum above 0 to converge to), batch 256, Adam with lr 1e-2 for ``--swap``
-epochs, then full-batch conjugate gradient (``ConvexitySwapCallback(fixed_swap_epoch=...)``) to
+epochs, then full-batch conjugate gradient (``ConvexitySwapCallback(detector=None, swap_epoch=...)``) to
 ``--epochs``. Every precision starts from the same weights. For each it prints the CG phase's last check loss and the
 training loss of the final weights (evaluated in float32 on the whole set), against the same run in 32-true, with the
 GradScaler's final scale; it exits with 1 if a run fails: no swap, a fallback, a weight that is not finite, or a final
@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_twophase import ConvexitySwapCallback
+from lightning_twophase import ConvexitySwapCallback, FallbackPolicy
 
 
 class DigitsMLP(pl.LightningModule):
@@ -89,7 +89,8 @@ def run(
     torch.manual_seed(seed)
     model = DigitsMLP()
     # The progress guard off: the CG phase runs to the end in every precision, and its result is what is compared.
-    callback = ConvexitySwapCallback(fixed_swap_epoch=swap, fallback_progress_window=None, log_figures=False)
+    no_guard = FallbackPolicy(progress_window=None)
+    callback = ConvexitySwapCallback(detector=None, swap_epoch=swap, fallback=no_guard, log_figures=False)
     plugins: list[Any] = []
     grad_scaler = None
     if precision == "16-mixed" and (scaler or device == "cuda"):

@@ -4,11 +4,11 @@ For each model (``vit-nomlp`` and ``vgg5`` by default) on the first MNIST traini
 
 1. **Before the swap**, the callback's host time per training step, from Lightning's ``SimpleProfiler`` (the sum of
    the hooks it runs during training, the checks included, over the fit, divided by the steps), with the default
-   rule (the gradient norm sampled, probes left out to time the steps alone) and with the paper's rule (the norm of
+   rule (the plateau rule: the gradient norm sampled one step in 32) and with the paper's rule (the norm of
    every step);
-2. **steps per second** with and without the callback (the default rule, probes left out), in interleaved pairs of
+2. **steps per second** with and without the callback (its defaults, no swap in a few epochs), in interleaved pairs of
    fits (without, with, without, with, ...), with the paired median and the run-to-run spread of the fits without;
-3. **the CG phase**: Adam for a few epochs, then CG (``fixed_swap_epoch``), timing every epoch: gradient-pass
+3. **the CG phase**: Adam for a few epochs, then CG (``detector=None, swap_epoch=N``), timing every epoch: gradient-pass
    equivalents per CG epoch (a forward pass counts a third, a backward two thirds: the callback's compute) and the
    wall time of a CG epoch over an Adam epoch.
 
@@ -37,9 +37,7 @@ from fullbatch_vs_minibatch import load_mnist, quiet_trainer
 
 from example_modules.classifier import ImageClassifier
 from example_modules.data import DeviceTensorLoader
-from lightning_twophase import ConvexitySwapCallback, GradientNormPeakDetector, ProbeDetector
-
-NO_PROBES = 10**9  # a first probe epoch no run reaches: the steps alone are timed
+from lightning_twophase import ConvexitySwapCallback, FallbackPolicy, GradientNormPeakDetector
 
 
 class EpochTimes(pl.Callback):
@@ -84,7 +82,8 @@ def hook_time_per_step(name: str, train: Any, device: str, epochs: int, detector
     """Microseconds of the callback's hooks per training step, the steps, and the model's parameter tensors."""
     profiler = SimpleProfiler()
     model = model_for(name)
-    fit = quiet_trainer(epochs, [ConvexitySwapCallback(detector=detector, log_figures=False)], device, profiler)
+    callback = ConvexitySwapCallback(detector=detector, swap_epoch=None, log_figures=False)
+    fit = quiet_trainer(epochs, [callback], device, profiler)
     fit.fit(model, train_dataloaders=loader(train))
     # The hooks the callback runs during training (the checks included); the profiler also times every hook the
     # callback does not override (a few microseconds each of its own overhead, as for an empty callback), and the
@@ -98,15 +97,12 @@ def hook_time_per_step(name: str, train: Any, device: str, epochs: int, detector
 
 
 def steps_per_second(name: str, train: Any, device: str, epochs: int, pairs: int) -> tuple[list[float], list[float]]:
-    """Interleaved fits without and with the callback (default rule, probes left out): steps per second of each."""
+    """Interleaved fits without and with the callback (its default rule, which does not fire in a few epochs): steps
+    per second of each."""
     without, with_callback = [], []
     for _ in range(pairs):
         for runs, callbacks in ((without, []), (with_callback, None)):
-            callbacks = (
-                callbacks
-                if callbacks is not None
-                else [ConvexitySwapCallback(detector=ProbeDetector(first_probe_epoch=NO_PROBES), log_figures=False)]
-            )
+            callbacks = callbacks if callbacks is not None else [ConvexitySwapCallback(log_figures=False)]
             fit = quiet_trainer(epochs, callbacks, device)
             began = time.perf_counter()
             fit.fit(model_for(name), train_dataloaders=loader(train))
@@ -119,7 +115,8 @@ def steps_per_second(name: str, train: Any, device: str, epochs: int, pairs: int
 def cg_phase(name: str, train: Any, device: str, adam_epochs: int, cg_epochs: int) -> dict[str, float]:
     """Adam, then CG: passes per CG epoch (median, mean) and the median CG epoch over the median Adam epoch."""
     times = EpochTimes()
-    callback = ConvexitySwapCallback(fixed_swap_epoch=adam_epochs, fallback_progress_window=None, log_figures=False)
+    no_guard = FallbackPolicy(progress_window=None)
+    callback = ConvexitySwapCallback(detector=None, swap_epoch=adam_epochs, fallback=no_guard, log_figures=False)
     fit = quiet_trainer(adam_epochs + cg_epochs, [callback, times], device)
     fit.fit(model_for(name), train_dataloaders=loader(train))
     samples = len(train[1])
@@ -138,7 +135,7 @@ def cg_phase(name: str, train: Any, device: str, adam_epochs: int, cg_epochs: in
         "adam_epoch": adam,
         "cg_epoch": cg,
         "ratio": cg / adam,
-        "trial_batching": callback._phase.adapter.objective.trial_batching if callback.phase == "cg" else "-",
+        "trial_batching": fit.optimizers[0].objective.trial_batching if callback.phase == "cg" else "-",
     }
 
 
@@ -166,12 +163,9 @@ def main() -> None:
     print(f"{where}; torch {torch.__version__}, lightning {pl.__version__}; first {samples} MNIST images, batch 512\n")
     rows = []
     for name in args.models:
-        default_us, steps, tensors = hook_time_per_step(
-            name, train, args.device, epochs, ProbeDetector(first_probe_epoch=NO_PROBES)
-        )
-        # The paper's rule measures the norm at every step (a swap epoch no run reaches keeps it measuring).
-        paper = GradientNormPeakDetector(fixed_swap_epoch=NO_PROBES)
-        paper_us, _, _ = hook_time_per_step(name, train, args.device, epochs, paper)
+        default_us, steps, tensors = hook_time_per_step(name, train, args.device, epochs, "plateau")
+        # The paper's rule measures the norm at every step (a patience no run meets keeps it measuring).
+        paper_us, _, _ = hook_time_per_step(name, train, args.device, epochs, GradientNormPeakDetector(patience=10**6))
         without, with_callback = steps_per_second(name, train, args.device, epochs, args.pairs)
         paired = [w / o - 1 for w, o in zip(with_callback, without)]
         spread = (max(without) - min(without)) / statistics.median(without)

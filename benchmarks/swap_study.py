@@ -6,7 +6,8 @@ Every case trains one model from the same initial weights and batch order under 
   passes as each two-phase schedule did (Adam at equal compute);
 * ``cosine``: Adam with cosine decay of the learning rate to 0 over the case's epochs;
 * ``default``: ``ConvexitySwapCallback()``, the callback's defaults;
-* ``paper``: ``ConvexitySwapCallback(detector="paper")``, the paper's Algorithm 1 (with the default progress guard);
+* ``paper``: ``ConvexitySwapCallback(detector="paper", swap_epoch=None)``, the paper's Algorithm 1 (with the default
+  progress guard);
 * ``fixed30``: Adam for 30 % of the epochs, then plain CG to the end without the guard (the paper's Table 1);
 * ``fixed30-pre``: the same, with CG preconditioned by Adam's second moments.
 
@@ -48,7 +49,7 @@ from fullbatch_vs_minibatch import TanhMLP, evaluate_per_image, load_mnist, quie
 
 from example_modules.classifier import ImageClassifier
 from example_modules.data import DeviceTensorLoader, DigitsDataModule
-from lightning_twophase import ConvexitySwapCallback
+from lightning_twophase import ConvexitySwapCallback, FallbackPolicy
 
 Data = tuple[torch.Tensor, torch.Tensor]
 
@@ -93,12 +94,13 @@ CPU_SUITE = [
     "digits-vit-b64", "mnist2k-mlp-b64", "mnist2k-vit-nomlp-b64", "mnist2k-vgg5-b64",
 ]  # fmt: skip
 GPU_EXTRA = ["mnist10k-vit-nomlp", "mnist10k-vgg5"]
-#: Callback arguments of each two-phase schedule.
+#: Callback arguments of each two-phase schedule; ``"no guard"``: a fallback policy without the progress guard (the
+#: paper's method: CG to the end).
 TWO_PHASE: dict[str, dict[str, Any]] = {
     "default": {},
-    "paper": {"detector": "paper"},
-    "fixed30": {"fixed_swap_epoch": 0.3, "preconditioner": "none", "fallback_progress_window": None},
-    "fixed30-pre": {"fixed_swap_epoch": 0.3, "preconditioner": "second_moments", "fallback_progress_window": None},
+    "paper": {"detector": "paper", "swap_epoch": None},
+    "fixed30": {"detector": None, "swap_epoch": 0.3, "optimizer": {"preconditioner": "none"}, "fallback": "no guard"},
+    "fixed30-pre": {"detector": None, "swap_epoch": 0.3, "fallback": "no guard"},
 }
 SCHEDULES = ["adam", "cosine", *TWO_PHASE]
 
@@ -178,12 +180,16 @@ def fit(case: Case, model: pl.LightningModule, train: Data, epochs: int, callbac
 
 def run_two_phase(case: Case, schedule: str, train: Data, val: Data, device: str) -> Result:
     model = make_model(case, image_size=train[0].shape[-1])
-    callback = ConvexitySwapCallback(log_figures=False, **TWO_PHASE[schedule])
+    kwargs = dict(TWO_PHASE[schedule])
+    if kwargs.get("fallback") == "no guard":
+        kwargs["fallback"] = FallbackPolicy(progress_window=None)
+    callback = ConvexitySwapCallback(log_figures=False, **kwargs)
     _, seconds = fit(case, model, train, case.epochs, [callback], device)
     result = measure(case, schedule, model.to(train[0].device), train, val, case.epochs)
     result.passes = callback.compute / (3 * len(train[1]))
     result.seconds = seconds
-    result.swap_epoch, result.phase, result.fallback = callback.swap_epoch, callback.phase, callback.fallback_reason
+    result.swap_epoch, result.phase = callback.swap_epoch, str(callback.phase)
+    result.fallback = callback.fallback_reason
     return result
 
 
