@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_twophase import ConvexitySwapCallback
+from lightning_twophase import ConvexitySwapCallback, Decision, Reason, SwapDetector
 
-__all__ = ["Measurement", "TrainingSetMonitor", "comparison_table", "loss_vs_compute_figure", "snapshot"]
+__all__ = ["Measurement", "NeverSwaps", "TrainingSetMonitor", "comparison_table", "loss_vs_compute_figure", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,16 @@ class Measurement:
     train_loss: float
     val_accuracy: float
     seconds: float
+
+
+class NeverSwaps(SwapDetector):
+    """A detector that never asks for a swap: with ``detect_only=True`` the callback only counts the first optimizer's
+    compute and records its curve, for the run of the first optimizer alone."""
+
+    norm_every_n_steps = 32  # the figure needs no norm at every step
+
+    def update(self, loss: float, grad_norm: float, *, epoch: int, step: int) -> Decision:
+        return Decision(False, Reason.WAITING, "the first optimizer alone, for the comparison")
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ __all__ = ["MIN_SCALE", "LossScaling"]
 MIN_SCALE = 2.0**-24
 
 
-class _Gradients:
+class _ParamGroups:
     """What ``GradScaler.unscale_`` reads of an optimizer: its parameter groups."""
 
     def __init__(self, params: list[Tensor]) -> None:
@@ -78,7 +78,7 @@ class LossScaling:
         if not math.isfinite(loss):
             torch._foreach_mul_(grads, 1.0 / self.scaler.get_scale())
             return False
-        self.scaler.unscale_(_Gradients(params))
+        self.scaler.unscale_(_ParamGroups(params))
         overflow = not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
         self.scaler.update()
         return overflow
