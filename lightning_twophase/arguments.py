@@ -75,7 +75,11 @@ def check_epoch(owner: str, name: str, value: Any, optional: bool = True) -> int
         )
     if isinstance(value, float) and 0 < value < 1:
         return value
-    return check_count(owner, name, value)
+    if not (math.isfinite(value) and float(value).is_integer()) or value < 0:
+        raise ValueError(
+            f"{owner}: `{name}` must be an epoch count >= 0 or a fraction of max_epochs in (0, 1), got {value!r}."
+        )
+    return int(value)
 
 
 def check_instance(owner: str, name: str, value: Any, expected: type, hint: str = "") -> Any:

@@ -20,6 +20,7 @@ CG phase in ``on_fit_start``, before Lightning restores the optimizer states.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -148,6 +149,7 @@ class ConvexitySwapCallback(Callback):
         self._resumed: dict[str, Any] | None = None
         self._seed = int(torch.initial_seed()) % (2**31)
         self._last_check_step, self._epoch_checked = 0, False
+        self._warned_non_finite = False
 
     @property
     def detector(self) -> SwapDetector | None:
@@ -203,8 +205,7 @@ class ConvexitySwapCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        problems = refusals.unsupported_settings(trainer, pl_module)
-        refusals.refuse(problems + refusals.detector_problems(self.detector, tuple(DETECTORS.values())))
+        refusals.refuse(refusals.unsupported_settings(trainer, pl_module))
         refusals.warn_if_unsound(self._config.batches_per_step)
 
     @override
@@ -224,12 +225,16 @@ class ConvexitySwapCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epochs = refusals.training_epochs(trainer)
         problems = refusals.length_problems(self._config.batches_per_step, trainer.num_training_batches)
+        problems += refusals.detector_problems(self.detector, tuple(DETECTORS.values()), epochs)
         refusals.refuse(problems + self._schedule.setup(epochs))
         monitoring.add_custom_scalars_layout(trainer)
         if self._schedule.swap_at == 0 and self._phase is Phase.FIRST and self._record.swap_decision is None:
             # swap_epoch=0: conjugate gradient from the first step (the paper's "CG only" schedule).
-            message = "swap_epoch=0 asks for conjugate gradient from the start"
-            self._swap(trainer, pl_module, Decision(True, Reason.SWAP_EPOCH, message), epoch=0)
+            decision = Decision(True, Reason.SWAP_EPOCH, "swap_epoch=0 asks for conjugate gradient from the start")
+            if self.detect_only:
+                announce_swap(trainer, self._record, decision, 0, swapped=False)
+            else:
+                self._swap(trainer, pl_module, decision, epoch=0)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -290,14 +295,23 @@ class ConvexitySwapCallback(Callback):
         (loss, grad_norm), step = means, trainer.global_step
         decision = None
         if self._phase is Phase.FIRST:
-            decision = self._record.last_decision = self._schedule.decide(loss, grad_norm, epochs_done, step)
+            decision = self._schedule.decide(loss, grad_norm, epochs_done, step)
         elif self._cg is not None:
             decision = self._cg.check(loss)
         scalars = {} if decision is None else decision.scalars
         logged = self._record.add_check(epochs_done, step, loss, grad_norm, self._phase.value, scalars)
         monitoring.log_scalars(trainer, logged, step)
-        # Every rank decided on the same reduced numbers; rank 0's answer settles it, so that every rank acts together.
-        if decision is None or not trainer.strategy.broadcast(decision.act, src=0):
+        if decision is None:
+            return
+        # Every rank decided on the same reduced numbers; rank 0's decision settles it (a rule of one's own need not be
+        # deterministic), so that every rank acts, records and announces alike.
+        decision = trainer.strategy.broadcast(decision, src=0)
+        if self._phase is Phase.FIRST:
+            self._record.last_decision = decision
+            if not math.isfinite(loss) and not self._warned_non_finite:
+                self._warned_non_finite = True
+                rank_zero_warn(f"ConvexitySwapCallback: no swap on this check: {decision.message}.")
+        if not decision.act:
             return
         epoch = epochs_done if at_epoch_end else trainer.current_epoch
         if self._cg is not None:
@@ -308,8 +322,10 @@ class ConvexitySwapCallback(Callback):
             announce_swap(trainer, self._record, decision, epoch, swapped=False)
 
     def _swap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision, epoch: int) -> None:
-        announce_swap(trainer, self._record, decision, epoch, swapped=True)
-        self._cg = CGPhase(trainer, pl_module, self._config, self._record, self._seed)
+        first_name = type(trainer.optimizers[0]).__name__
+        cg = CGPhase(trainer, pl_module, self._config, self._record, self._seed)  # may refuse: announce after it
+        announce_swap(trainer, self._record, decision, epoch, swapped=True, first_name=first_name)
+        self._cg = cg
         self._phase = Phase.CG
         set_callback_metric(trainer, tags.PHASE, tags.PHASE_VALUES[self._phase])
         if self.log_figures:

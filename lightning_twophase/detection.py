@@ -122,7 +122,7 @@ class PlateauDetector(SwapDetector):
                     f"PlateauDetector: `window={self.window}` is a fraction of max_epochs, but the Trainer has no "
                     "max_epochs; pass the window as a number of epochs."
                 )
-            self._epochs = max(1, round(self.window * max_epochs))
+            self._epochs = max(1, math.floor(self.window * max_epochs + 0.5))  # halves round up
 
     @property
     def window_epochs(self) -> int:
@@ -144,7 +144,7 @@ class PlateauDetector(SwapDetector):
         # Keep the last point at or before the window's start: the window never reaches further back.
         self.points = self.points[len(earlier) - 1 :]
         then = earlier[-1][1]
-        improvement = (then - self.best) / abs(then) if then != 0 else math.inf
+        improvement = (then - self.best) / abs(then) if then != 0 else 0.0  # a loss stuck at 0 is a plateau
         described = (
             f"the best training loss fell by {100 * improvement:.3g} % over the last {self.window_epochs} epochs "
             f"({then:.4g} -> {self.best:.4g})"
@@ -170,8 +170,9 @@ class GradientNormPeakDetector(SwapDetector):
     r"""The paper's Algorithm 1, with the options a long run needs.
 
     Each call of :meth:`update` adds one check. The swap fires when the norm has stayed below ``factor * gn_max`` for
-    ``patience`` consecutive checks, where ``gn_max`` is the running maximum. Once fired, the detector keeps answering
-    that it swapped.
+    ``patience`` consecutive checks, where ``gn_max`` is the running maximum. Every check is judged afresh: an answer
+    held back by ``min_epochs`` swaps later only if the norm is still below the threshold then (a rise to a new peak
+    in between starts the count again).
 
     Args:
         factor: the fraction of the peak below which the norm must fall (the paper's 0.9). Because mini-batch
@@ -210,7 +211,6 @@ class GradientNormPeakDetector(SwapDetector):
         self.peak_epoch: int | None = None
         self.risen = False
         self.below_count = 0
-        self.fired: Decision | None = None
         self._average = 0.0
         self._average_weight = 0.0
 
@@ -222,8 +222,6 @@ class GradientNormPeakDetector(SwapDetector):
         return self._average / self._average_weight
 
     def update(self, loss: float, grad_norm: float, *, epoch: int, step: int) -> Decision:
-        if self.fired is not None:
-            return self.fired
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             # A non-finite check says nothing about the curve; keep the state and let the run's own guards act.
             return self._decide(Reason.NON_FINITE, f"non-finite check (loss {loss}, gradient norm {grad_norm}) ignored")
@@ -259,19 +257,13 @@ class GradientNormPeakDetector(SwapDetector):
         return {tags.GN_MAX: self.peak, tags.THRESHOLD: self.factor * self.peak}
 
     def _decide(self, reason: Reason, message: str) -> Decision:
-        decision = Decision(reason is Reason.NORM_PEAK, reason, message, self._scalars())
-        if decision.act:
-            self.fired = decision
-        return decision
+        return Decision(reason is Reason.NORM_PEAK, reason, message, self._scalars())
 
     def state_dict(self) -> dict[str, Any]:
-        fired = None if self.fired is None else self.fired.message
         names = ("checks", "peak", "peak_loss", "peak_epoch", "risen", "below_count", "_average", "_average_weight")
-        return {**{name.lstrip("_"): getattr(self, name) for name in names}, "fired": fired}
+        return {name.lstrip("_"): getattr(self, name) for name in names}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         names = ("checks", "peak", "peak_loss", "peak_epoch", "risen", "below_count", "_average", "_average_weight")
         for name in names:
             setattr(self, name, state[name.lstrip("_")])
-        message = state["fired"]
-        self.fired = None if message is None else Decision(True, Reason.NORM_PEAK, message, self._scalars())

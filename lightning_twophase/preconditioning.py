@@ -45,6 +45,9 @@ def second_moment_preconditioner(optimizer: Optimizer) -> list[Tensor] | None:
         One tensor per parameter, in the order of the parameter groups, or ``None`` if the optimizer keeps no second
         moments (SGD, say) or has not stepped yet.
 
+    Raises:
+        ValueError: if the second moments are not all finite.
+
     """
     scales: list[Tensor | None] = []
     for group in optimizer.param_groups:
@@ -59,6 +62,8 @@ def second_moment_preconditioner(optimizer: Optimizer) -> list[Tensor] | None:
     known = [scale.reshape(-1) for scale in scales if scale is not None]
     if not known:
         return None
+    if not all(bool(torch.isfinite(scale).all()) for scale in known):
+        raise ValueError(f"{type(optimizer).__name__}'s second moments are not all finite (has it diverged?)")
     stride = max(1, sum(scale.numel() for scale in known) // MEDIAN_SAMPLE)
     median = float(torch.cat([scale[::stride].cpu() for scale in known]).median())
     if not median > 0:  # more than half the weights never had a gradient: floor at the largest scale's share
@@ -87,12 +92,16 @@ def apply_preconditioner(
     if callable(choice):
         diagonal = list(choice(first))
     else:
-        found = second_moment_preconditioner(first)
+        try:
+            found = second_moment_preconditioner(first)
+        except ValueError as error:
+            warn(f"ConvexitySwapCallback: {error}; the CG phase runs plain conjugate gradient.")
+            return
         if found is None:
             warn(
-                f"ConvexitySwapCallback: {type(first).__name__} has no second moments to precondition the CG phase "
-                "with (it keeps none, or has not stepped yet); it runs plain conjugate gradient "
-                "(preconditioner='none' silences this)."
+                f"ConvexitySwapCallback: {type(first).__name__} has no Adam-style second moments (`exp_avg_sq` with "
+                "`betas`) to precondition the CG phase with, or has not stepped yet; it runs plain conjugate gradient "
+                "(preconditioner='none' silences this, a callable gives a diagonal of your own)."
             )
             return
         diagonal = found

@@ -83,15 +83,18 @@ class RunRecord:
         self.history = [dict(record) for record in self.history]
 
 
-def announce_swap(trainer: pl.Trainer, record: RunRecord, decision: Decision, epoch: int, swapped: bool) -> None:
+def announce_swap(
+    trainer: pl.Trainer, record: RunRecord, decision: Decision, epoch: int, swapped: bool, first_name: str = ""
+) -> None:
     """Record the swap (or, detecting only, the swap point) and say it: the console, every logger, TensorBoard's text
-    tab and ``trainer.callback_metrics``."""
+    tab and ``trainer.callback_metrics``. ``first_name``: the first optimizer's class, when it is no longer the
+    Trainer's."""
     step = trainer.global_step
     record.swap_epoch, record.swap_step, record.swap_decision = epoch, step, decision
     record.swap_check = len(record.history) - 1 if record.history else None
     set_callback_metric(trainer, tags.SWAP_EPOCH, epoch)
     set_callback_metric(trainer, tags.SWAP_STEP, step)
-    first_name = type(trainer.optimizers[0]).__name__
+    first_name = first_name or type(trainer.optimizers[0]).__name__
     if swapped:
         message = (
             f"ConvexitySwapCallback: swapped {first_name} -> conjugate gradient at epoch {epoch}, step {step}: "

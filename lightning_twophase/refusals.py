@@ -79,29 +79,36 @@ def length_problems(batches_per_iteration: int | None, num_training_batches: flo
 
 def training_epochs(trainer: pl.Trainer) -> int | None:
     """How many epochs this training lasts: ``max_epochs``, or ``max_steps`` in epochs where that is sooner or the
-    only bound; ``None`` if neither is known (no bound, or a dataloader of unknown length)."""
+    only bound; ``None`` if neither is known (no bound, or a dataloader of unknown length).
+
+    ``max_steps`` is converted at the first optimizer's steps per epoch. The CG phase steps on every batch (its
+    accumulation is its own), so with ``accumulate_grad_batches > 1`` a training bounded by ``max_steps`` ends sooner
+    than this after a swap.
+    """
     bounds = []
     max_epochs = trainer.max_epochs
     if max_epochs is not None and max_epochs >= 0:
         bounds.append(max_epochs)
-    steps_per_epoch = trainer.num_training_batches / trainer.accumulate_grad_batches
-    if trainer.max_steps > 0 and math.isfinite(steps_per_epoch) and steps_per_epoch > 0:
+    batches = trainer.num_training_batches
+    if trainer.max_steps > 0 and math.isfinite(batches) and batches > 0:
+        # Lightning also steps on an epoch's last, incomplete accumulation.
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
         bounds.append(math.ceil(trainer.max_steps / steps_per_epoch))
     return min(bounds) if bounds else None
 
 
-def detector_problems(detector: SwapDetector | None, built_in: tuple[type, ...]) -> list[str]:
-    """A user's detector is tried once, on a copy, with made-up numbers: a wrong signature or answer fails now, not
-    after the first epoch (the built-in ones are known to answer)."""
+def detector_problems(detector: SwapDetector | None, built_in: tuple[type, ...], epochs: int | None) -> list[str]:
+    """A user's detector is tried once, on a copy, with made-up numbers, for a training of ``epochs`` epochs: a wrong
+    signature or answer fails now, not after the first epoch (the built-in ones are known to answer)."""
     if detector is None or type(detector) in built_in:
         return []
     name = type(detector).__name__
     try:
         trial = copy.deepcopy(detector)
-    except Exception:  # a detector that cannot be copied is checked at its first update
+        trial.setup(epochs)
+    except Exception:  # a detector that cannot be copied or set up is checked (and set up) for real
         return []
     try:
-        trial.setup(None)
         answer = trial.update(1.0, 1.0, epoch=1, step=1)
     except TypeError as error:
         return [f"the detector {name} cannot be called as update(loss, grad_norm, *, epoch, step): {error}"]

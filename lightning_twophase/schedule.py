@@ -7,6 +7,7 @@ fraction of the training's length resolved before training. A rule of one's own 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning_twophase.arguments import check_count, check_epoch
@@ -46,7 +47,7 @@ class SwapSchedule:
         setting, given = self.swap_epoch, f"swap_epoch={self.swap_epoch}"
         problems = []
         if isinstance(setting, float):
-            self.swap_at = None if epochs is None else round(setting * epochs)
+            self.swap_at = None if epochs is None else math.floor(setting * epochs + 0.5)  # halves round up
             if epochs is None:
                 problems.append(
                     f"`{given}` is a fraction of the training's length, but it is unknown (no max_epochs, and no "
@@ -59,9 +60,11 @@ class SwapSchedule:
                 )
         swap_at = self.swap_at
         if swap_at is not None and self.detector is None and epochs is not None and swap_at >= epochs:
+            resolved = f" ({swap_at} epochs)" if isinstance(setting, float) else ""
+            smaller = "fraction" if isinstance(setting, float) else "epoch, or a fraction of max_epochs"
             problems.append(
-                f"`{given}` is not below the training's {epochs} epochs: the swap would never happen; pass a smaller "
-                "epoch or a fraction"
+                f"`{given}`{resolved} is not below the training's {epochs} epochs: the swap would never happen; pass "
+                f"a smaller {smaller}"
             )
         if swap_at is not None and self.detector is not None and self.min_epochs > swap_at:
             problems.append(f"min_epochs={self.min_epochs} comes after `{given}` ({swap_at} epochs): lower one of them")
@@ -74,6 +77,10 @@ class SwapSchedule:
 
     def decide(self, loss: float, grad_norm: float, epoch: int, step: int) -> Decision:
         """The detector's decision for this check, within the bounds."""
+        if not math.isfinite(loss):
+            # A diverged first optimizer is no point to swap at, not even at the bound: the next finite check is.
+            message = f"the training loss {loss} is not finite (has the first optimizer diverged?)"
+            return Decision(False, Reason.NON_FINITE, message)
         decision: Decision | None = None
         if self.detector is not None:
             decision = self.detector.update(loss, grad_norm, epoch=epoch, step=step)

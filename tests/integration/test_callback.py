@@ -140,6 +140,15 @@ def test_detect_only_never_swaps_but_reports_the_point():
     assert CountingAdam.steps == 4 * trainer.num_training_batches
 
 
+def test_detect_only_with_swap_epoch_zero_reports_the_start_and_never_swaps():
+    CountingAdam.steps = 0
+    callback = swap_at(0, detect_only=True)
+    trainer = fit(CountingClassifier(), callback, max_epochs=2)
+    assert callback.phase == Phase.FIRST and callback.swap_epoch == 0
+    assert callback.swap_decision is not None and callback.swap_decision.reason is Reason.SWAP_EPOCH
+    assert CountingAdam.steps == 2 * trainer.num_training_batches
+
+
 def test_step_based_checks():
     callback = swap_at(1, check_every_n_steps=4)
     trainer = fit(TinyClassifier(), callback, max_epochs=3)
@@ -221,6 +230,23 @@ def test_a_users_detector_that_cannot_answer_is_refused_before_training(detector
     assert trainer.global_step == 0
 
 
+class LastFifth(SwapDetector):
+    """A user's detector that needs the training's length: swap in its last fifth."""
+
+    def setup(self, max_epochs: int | None) -> None:
+        self.start = int(0.8 * max_epochs)  # fails with None: the length must be the real one
+
+    def update(self, loss: float, grad_norm: float, *, epoch: int, step: int) -> Decision:
+        late = epoch >= self.start
+        return Decision(late, Reason.RULE if late else Reason.WAITING, f"epoch {epoch}, last fifth from {self.start}")
+
+
+def test_a_users_detector_is_tried_with_the_trainings_real_length():
+    callback = ConvexitySwapCallback(detector=LastFifth(), swap_epoch=None)
+    fit(TinyClassifier(), callback, max_epochs=5)
+    assert callback.swap_epoch == 4 and callback.swap_decision.reason is Reason.RULE
+
+
 def test_a_swap_epoch_as_a_fraction_of_max_epochs_or_of_max_steps():
     callback = swap_at(0.3)
     fit(TinyClassifier(), callback, max_epochs=10)
@@ -229,6 +255,11 @@ def test_a_swap_epoch_as_a_fraction_of_max_epochs_or_of_max_steps():
     by_steps = swap_at(0.3)
     fit(TinyClassifier(), by_steps, max_epochs=-1, max_steps=100)
     assert by_steps.swap_epoch == 4
+    # With accumulation Lightning also steps on an epoch's incomplete last group: 8 batches in threes are 3 steps per
+    # epoch, so max_steps=9 is 3 epochs, and 70 % of them is epoch 2 (not 3, the training's end).
+    accumulated = swap_at(0.7)
+    fit(TinyClassifier(), accumulated, max_epochs=-1, max_steps=9, accumulate_grad_batches=3)
+    assert accumulated.swap_epoch == 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -547,6 +578,15 @@ def test_step_checks_count_the_epoch_that_just_ended(kwargs, expected_reason):
     assert CountingAdam.steps == 2 * 8  # Adam trained exactly those epochs
     held_back = [r for r in callback.history if r["step"] < 16]
     assert all(r["phase"] == "first" for r in held_back)
+
+
+def test_no_swap_on_a_non_finite_check_not_even_at_the_bound():
+    # A first optimizer that diverged is no point to start conjugate gradient from: the swap waits for a finite check.
+    callback = swap_at(1)
+    with pytest.warns(UserWarning, match="the training loss nan is not finite"):
+        fit(TurnsNaN(nan_from_epoch=0), callback, max_epochs=3)
+    assert callback.phase == Phase.FIRST and callback.swap_decision is None
+    assert callback.history[-1]["loss"] != callback.history[-1]["loss"]  # NaN, recorded as it was
 
 
 def test_a_run_whose_every_check_is_non_finite_says_so(caplog):

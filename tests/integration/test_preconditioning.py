@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from torch import nn
 
 from lightning_twophase import ConjugateGradient
 from lightning_twophase.optim.conjugate_gradient import BETA_FORMULAS
-from lightning_twophase.preconditioning import FLOOR, second_moment_preconditioner
+from lightning_twophase.preconditioning import FLOOR, apply_preconditioner, second_moment_preconditioner
 from tests.conftest import TinyClassifier, fit, swap_at
 from tests.integration.test_cg_phase import FirstOptimizer
 
@@ -208,9 +209,25 @@ def test_the_callback_preconditions_with_the_first_phases_second_moments(options
 
 
 def test_a_first_optimizer_without_second_moments_gives_plain_cg_with_a_warning():
-    with pytest.warns(UserWarning, match="has no second moments"):
+    with pytest.warns(UserWarning, match="has no Adam-style second moments"):
         diagonal, _ = swap_preconditioner(SGDClassifier())  # the default asks for second moments
     assert diagonal is None
+
+
+def test_second_moments_that_are_not_finite_give_plain_cg_with_a_warning():
+    # An inf in Adam's second moments would make a zero diagonal entry: CG then runs plain, and says why.
+    model = nn.Linear(3, 1)
+    adam = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 3)).sum().backward()
+    adam.step()
+    adam.state[model.weight]["exp_avg_sq"][0, 0] = math.inf
+    with pytest.raises(ValueError, match="Adam's second moments are not all finite"):
+        second_moment_preconditioner(adam)
+    cg = ConjugateGradient(model.parameters())
+    warnings: list[str] = []
+    apply_preconditioner("second_moments", adam, cg, warnings.append)
+    assert cg.preconditioner is None
+    assert len(warnings) == 1 and "not all finite" in warnings[0] and "plain conjugate gradient" in warnings[0]
 
 
 def test_no_preconditioner_and_a_user_supplied_one():

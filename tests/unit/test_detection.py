@@ -8,6 +8,7 @@ import random
 import pytest
 
 from lightning_twophase import Decision, GradientNormPeakDetector, PlateauDetector, Reason, SwapDetector, tags
+from lightning_twophase.schedule import SwapSchedule
 
 
 def rise_then_fall(checks: int = 40, peak_at: int = 12) -> list[tuple[float, float]]:
@@ -96,6 +97,13 @@ def test_a_fractional_window_is_resolved_from_max_epochs_and_needs_it():
         PlateauDetector(window=0.2).setup(None)
 
 
+def test_a_loss_that_reached_zero_is_a_plateau():
+    # A loss that stays at exactly 0 (a realisable problem solved) has stopped improving: no improvement, not infinite.
+    curve = [(1.0 - 0.1 * epoch, 0.0) for epoch in range(10)] + [(0.0, 0.0)] * 30
+    detector = PlateauDetector(window=5)
+    assert first_swap(detector, curve) == 16  # the best loss is 0 from epoch 11 on; the window reaches back to it at 16
+
+
 def test_non_finite_losses_are_ignored():
     detector = PlateauDetector(window=2)
     for epoch, loss in enumerate([1.0, 0.5, math.nan, math.inf, 0.25], start=1):
@@ -122,7 +130,7 @@ def test_plateau_state_continues_exactly():
     ("kwargs", "error", "match"),
     [
         ({"window": 0}, ValueError, "window"),
-        ({"window": 2.5}, ValueError, "window.*whole number"),
+        ({"window": 2.5}, ValueError, r"window.*fraction of max_epochs in \(0, 1\)"),
         ({"window": "10"}, TypeError, "window"),
         ({"min_improvement": 1.0}, ValueError, "min_improvement"),
         ({"min_improvement": math.nan}, ValueError, "min_improvement.*finite"),
@@ -146,10 +154,15 @@ def test_rise_then_fall_swaps_when_the_norm_falls_below_the_threshold():
 
 def test_the_reason_names_the_norm_the_peak_and_the_factor():
     detector = GradientNormPeakDetector(factor=0.9)
-    first_swap(detector, rise_then_fall(peak_at=5))
-    assert detector.fired is not None and detector.fired.reason is Reason.NORM_PEAK
-    assert "below 0.9 x its peak 1" in detector.fired.message and "epoch 6" in detector.fired.message
-    assert detector.fired.scalars == {tags.GN_MAX: 1.0, tags.THRESHOLD: 0.9}
+    curve = rise_then_fall(peak_at=5)
+    fired = next(
+        decision
+        for epoch, (loss, norm) in enumerate(curve, start=1)
+        if (decision := detector.update(loss, norm, epoch=epoch, step=0)).act
+    )
+    assert fired.reason is Reason.NORM_PEAK
+    assert "below 0.9 x its peak 1" in fired.message and "epoch 6" in fired.message
+    assert fired.scalars == {tags.GN_MAX: 1.0, tags.THRESHOLD: 0.9}
 
 
 def test_patience_waits_for_consecutive_checks():
@@ -199,10 +212,25 @@ def test_paper_state_continues_detection_exactly():
     )
     assert rest == expected
     fired = GradientNormPeakDetector()
-    first_swap(fired, curve)
+    swap = first_swap(fired, curve)
     restored = GradientNormPeakDetector()
     restored.load_state_dict(fired.state_dict())
-    assert restored.update(1.0, 1.0, epoch=99, step=0) == fired.fired  # a fired rule stays fired across resume
+    loss, norm = curve[swap]  # the check after the swap point: both answer it alike
+    assert restored.update(loss, norm, epoch=swap + 1, step=0) == fired.update(loss, norm, epoch=swap + 1, step=0)
+
+
+def test_an_early_false_peak_held_back_by_min_epochs_does_not_swap_on_a_later_rise():
+    # A bump at check 2, then the real rise: with min_epochs=10 the rule's early answer is held back, and at epoch 10
+    # the norm is rising to a new peak, so no swap comes until it falls below 0.9 x that peak.
+    bump = [(1.0, 1.0), (0.9, 1.2), (0.8, 0.5), (0.7, 0.6)]
+    rise = [(0.6 - 0.01 * k, 0.7 + 0.2 * k) for k in range(8)]
+    fall = [(0.5 - 0.01 * k, 2.1 * 0.8**k) for k in range(1, 6)]
+    schedule = SwapSchedule(GradientNormPeakDetector(), swap_epoch=None, min_epochs=10)
+    schedule.setup(30)
+    decisions = [schedule.decide(loss, norm, epoch, 0) for epoch, (loss, norm) in enumerate(bump + rise + fall, 1)]
+    assert decisions[2].reason is Reason.BEFORE_MIN_EPOCHS  # the bump's answer, held back
+    swaps = [epoch for epoch, decision in enumerate(decisions, 1) if decision.act]
+    assert swaps[0] == len(bump + rise) + 1 and "peak 2.1" in decisions[swaps[0] - 1].message
 
 
 def test_non_finite_checks_are_ignored():

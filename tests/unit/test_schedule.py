@@ -54,7 +54,14 @@ def test_a_users_rule_gets_min_epochs_for_free_and_the_bound_is_a_latest_swap():
     [
         (None, 0.3, 0, None, "fraction of the training's length, but it is unknown"),
         (None, 0.01, 0, 10, "rounds to no epoch of the first optimizer"),
-        (None, 10, 0, 10, "not below the training's 10 epochs"),
+        (None, 10, 0, 10, "not below the training's 10 epochs: the swap would never happen; pass a smaller epoch"),
+        (
+            None,
+            0.95,
+            0,
+            10,
+            "`swap_epoch=0.95` (10 epochs) is not below the training's 10 epochs: the swap would never happen",
+        ),
         (Always(), 3, 5, 10, "min_epochs=5 comes after"),
         (PlateauDetector(window=0.2), None, 0, None, "pass the window as a number of epochs"),
     ],
