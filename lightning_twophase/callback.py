@@ -20,7 +20,6 @@ CG phase in ``on_fit_start``, before Lightning restores the optimizer states.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -48,6 +47,8 @@ from lightning_twophase.record import RunRecord, announce_swap, log_figure, writ
 from lightning_twophase.schedule import SwapSchedule
 
 __all__ = ["ConvexitySwapCallback"]
+
+_OWNER = "ConvexitySwapCallback"
 
 #: ``detector`` names.
 DETECTORS = {"plateau": PlateauDetector, "paper": GradientNormPeakDetector}
@@ -80,28 +81,23 @@ class ConvexitySwapCallback(Callback):
 
         trainer = Trainer(max_epochs=300, callbacks=[ConvexitySwapCallback()])
 
-    By default the swap comes once the first optimizer's best epoch loss fell by less than 20 % over the last 20 % of
-    ``max_epochs`` (:class:`~lightning_twophase.PlateauDetector`), at 70 % of ``max_epochs`` at the latest; then each
-    epoch is one iteration of conjugate gradient on the whole training set, preconditioned by the first optimizer's
-    second moments, and a progress guard falls back to the first optimizer if CG falls far behind it. Everything goes
-    to the loggers under ``twophase/`` (see the docs' TensorBoard page). A callback describes one run: passed to another
-    ``fit``, it goes on where the last fit left it, as if resumed from a checkpoint written at its end.
+    By default the swap comes once the best epoch loss fell by less than 20 % over the last 20 % of ``max_epochs``
+    (:class:`~lightning_twophase.PlateauDetector`), at 70 % at the latest; then each epoch is one iteration of conjugate
+    gradient on the whole training set in the first optimizer's geometry, and a progress guard falls back if CG falls
+    far behind. The loggers get it all under ``twophase/``. Passed to another ``fit``, the callback goes on.
 
     Args:
         detector: the swap rule: ``"plateau"`` (:class:`~lightning_twophase.PlateauDetector`), ``"paper"`` (the
             paper's :class:`~lightning_twophase.GradientNormPeakDetector`), a :class:`~lightning_twophase.SwapDetector`
             of your own, or ``None`` (swap at ``swap_epoch``).
         swap_epoch: swap after this many epochs at the latest; a float in (0, 1) is that fraction of ``max_epochs``
-            (or of ``max_steps`` in epochs); ``0``: conjugate gradient from the start; ``None``: no bound. The paper's
-            table: ``detector=None, swap_epoch=0.3``.
+            (or of ``max_steps`` in epochs); ``0``: CG from the start; ``None``: no bound.
         min_epochs: no swap by the detector before this many epochs.
         check_every_n_steps: check every this many optimizer steps instead of once per epoch.
         detect_only: decide and log the swap point, but never swap.
-        optimizer: the second phase: keyword arguments for :class:`~lightning_twophase.ConjugateGradient`, among them
-            ``"preconditioner"``: ``"second_moments"`` (the default: the first optimizer's ``1 / sqrt(v_hat)``),
-            ``"none"`` (the paper's plain CG) or a callable giving one positive tensor per parameter from the first
-            optimizer; or a factory of any closure optimizer from the first optimizer's parameter groups
-            (``torch.optim.LBFGS``, say).
+        optimizer: keyword arguments for :class:`~lightning_twophase.ConjugateGradient`, ``"preconditioner"`` among
+            them (``"second_moments"``, the default: ``1 / sqrt(v_hat)``; ``"none"``; or a callable of the first
+            optimizer), or a factory of a closure optimizer from the parameter groups (``torch.optim.LBFGS``, say).
         batches_per_iteration: ``None``: one CG iteration per epoch on the whole training set (the paper's); ``K``:
             per macro-batch of ``K`` mini-batches (``1`` is unsound unless one batch is the whole set).
         scheduler_factory: builds the CG phase's learning-rate scheduler from its optimizer (default: none).
@@ -134,11 +130,10 @@ class ConvexitySwapCallback(Callback):
     ) -> None:
         super().__init__()
         _refuse_removed(removed)
-        owner = "ConvexitySwapCallback"
         self._schedule = SwapSchedule(_detector(detector), swap_epoch, min_epochs)
-        self.check_every_n_steps = check_count(owner, "check_every_n_steps", check_every_n_steps, 1, optional=True)
-        self.detect_only = check_flag(owner, "detect_only", detect_only)
-        self.log_figures = check_flag(owner, "log_figures", log_figures)
+        self.check_every_n_steps = check_count(_OWNER, "check_every_n_steps", check_every_n_steps, 1, optional=True)
+        self.detect_only = check_flag(_OWNER, "detect_only", detect_only)
+        self.log_figures = check_flag(_OWNER, "log_figures", log_figures)
         self._config = CGPhaseConfig.from_arguments(
             optimizer, batches_per_iteration, scheduler_factory, fallback, max_cached_bytes
         )
@@ -149,7 +144,6 @@ class ConvexitySwapCallback(Callback):
         self._resumed: dict[str, Any] | None = None
         self._seed = int(torch.initial_seed()) % (2**31)
         self._last_check_step, self._epoch_checked = 0, False
-        self._warned_non_finite = False
 
     @property
     def detector(self) -> SwapDetector | None:
@@ -212,9 +206,7 @@ class ConvexitySwapCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refusals.refuse(refusals.optimizer_problems(trainer.optimizers))
         if not self.detect_only:
-            config = self._config
-            first = trainer.optimizers[0]
-            refusals.refuse(refusals.second_phase_problems(first, config.build_optimizer, config.scheduler_factory))
+            refusals.refuse(refusals.second_phase_problems(trainer.optimizers[0], self._config))
         if self._resumed is not None:
             state, self._resumed = self._resumed, None
             self._restore_phase(state, trainer, pl_module)
@@ -231,10 +223,7 @@ class ConvexitySwapCallback(Callback):
         if self._schedule.swap_at == 0 and self._phase is Phase.FIRST and self._record.swap_decision is None:
             # swap_epoch=0: conjugate gradient from the first step (the paper's "CG only" schedule).
             decision = Decision(True, Reason.SWAP_EPOCH, "swap_epoch=0 asks for conjugate gradient from the start")
-            if self.detect_only:
-                announce_swap(trainer, self._record, decision, 0, swapped=False)
-            else:
-                self._swap(trainer, pl_module, decision, epoch=0)
+            self._swap(trainer, pl_module, decision, epoch=0)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -307,38 +296,37 @@ class ConvexitySwapCallback(Callback):
         # deterministic), so that every rank acts, records and announces alike.
         decision = trainer.strategy.broadcast(decision, src=0)
         if self._phase is Phase.FIRST:
-            self._record.last_decision = decision
-            if not math.isfinite(loss) and not self._warned_non_finite:
-                self._warned_non_finite = True
-                rank_zero_warn(f"ConvexitySwapCallback: no swap on this check: {decision.message}.")
+            self._record.note_rule_answer(decision)
         if not decision.act:
             return
         epoch = epochs_done if at_epoch_end else trainer.current_epoch
         if self._cg is not None:
             self._fall_back(trainer, decision, epoch)
-        elif not self.detect_only:
+        else:
             self._swap(trainer, pl_module, decision, epoch)
-        elif self._record.swap_decision is None:  # the swap point is announced once
-            announce_swap(trainer, self._record, decision, epoch, swapped=False)
 
     def _swap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision, epoch: int) -> None:
+        if self.detect_only:
+            if self._record.swap_decision is None:  # the swap point is announced once
+                announce_swap(trainer, self._record, decision, epoch, swapped=False)
+            return
         first_name = type(trainer.optimizers[0]).__name__
         cg = CGPhase(trainer, pl_module, self._config, self._record, self._seed)  # may refuse: announce after it
         announce_swap(trainer, self._record, decision, epoch, swapped=True, first_name=first_name)
         self._cg = cg
-        self._phase = Phase.CG
-        set_callback_metric(trainer, tags.PHASE, tags.PHASE_VALUES[self._phase])
-        if self.log_figures:
-            log_figure(trainer, self._record)
+        self._enter(Phase.CG, trainer)
 
     def _fall_back(self, trainer: pl.Trainer, decision: Decision, epoch: int) -> None:
         assert self._cg is not None
         self._cg.fall_back(decision, epoch)
         self._cg = None
         self._record.fallback_decision = decision
-        self._phase = Phase.FALLBACK
         self._first = FirstPhase(self._record, 32)  # no rule reads the norm any more: a sample, for the logs
-        set_callback_metric(trainer, tags.PHASE, tags.PHASE_VALUES[self._phase])
+        self._enter(Phase.FALLBACK, trainer)
+
+    def _enter(self, phase: Phase, trainer: pl.Trainer) -> None:
+        self._phase = phase
+        set_callback_metric(trainer, tags.PHASE, tags.PHASE_VALUES[phase])
         if self.log_figures:
             log_figure(trainer, self._record)
 
@@ -399,7 +387,7 @@ def _refuse_removed(removed: dict[str, Any]) -> None:
 
 
 def _detector(detector: Any) -> SwapDetector | None:
-    owner = "ConvexitySwapCallback"
+    owner = _OWNER
     if detector is None:
         return None
     if isinstance(detector, str):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_twophase import monitoring, tags
 from lightning_twophase._lightning import set_callback_metric
@@ -52,6 +52,13 @@ class RunRecord:
         logged = {tags.LOSS: loss, tags.GRAD_NORM: grad_norm, **scalars}
         logged.update({tags.PHASE: tags.PHASE_VALUES[phase], tags.COMPUTE: self.compute})
         return logged
+
+    def note_rule_answer(self, decision: Decision) -> None:
+        """Keep the swap rule's answer to the last check; say when the loss turned non-finite (no swap on it)."""
+        self.last_decision = decision
+        losses = [record["loss"] for record in self.history[-2:]]
+        if not math.isfinite(losses[-1]) and (len(losses) == 1 or math.isfinite(losses[0])):
+            rank_zero_warn(f"ConvexitySwapCallback: no swap on this check: {decision.message}.")
 
     def first_phase_points(self) -> list[tuple[float, float]]:
         """``(loss, compute)`` of the first phase's checks (the progress guard projects the first optimizer from

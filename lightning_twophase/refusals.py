@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -50,14 +50,13 @@ def optimizer_problems(optimizers: Sequence[Optimizer]) -> list[str]:
     return []
 
 
-def second_phase_problems(
-    first: Optimizer, build_optimizer: Callable[[list[dict[str, Any]]], Optimizer], scheduler_factory: Any
-) -> list[str]:
-    """Build the second-phase optimizer and its scheduler on the first optimizer's parameter groups once, before
-    training, so that a factory that cannot serve them fails now and not at the swap."""
+def second_phase_problems(first: Optimizer, config: Any) -> list[str]:
+    """Build the second-phase optimizer and its scheduler (a ``CGPhaseConfig``'s) on the first optimizer's parameter
+    groups once, before training, so that a factory that cannot serve them fails now and not at the swap."""
     groups = [{"params": list(group["params"])} for group in first.param_groups]
+    scheduler_factory = config.scheduler_factory
     try:
-        optimizer = build_optimizer(groups)
+        optimizer = config.build_optimizer(groups)
     except Exception as error:
         return [f"the second-phase optimizer cannot be built on {len(groups)} parameter group(s): {error}"]
     if scheduler_factory is not None:
