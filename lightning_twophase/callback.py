@@ -255,14 +255,12 @@ class ConvexitySwapCallback(Callback):
             decision = self._cg.on_train_batch_end()  # identical on every rank: made on reduced numbers only
             if decision is not None:
                 self._fall_back(trainer, decision, epoch=trainer.current_epoch)
-        # The epoch's check comes with its last batch: before validation and the checkpoints it may trigger.
-        last = is_last_batch(trainer)
-        if self.check_every_n_steps is None:
-            if last:
-                self._check(trainer, pl_module, trainer.current_epoch + 1, at_epoch_end=True)
-            return
-        step = trainer.global_step  # it only moves when the optimizer steps: with accumulation, batches share one
-        if step % self.check_every_n_steps == 0 and step != self._last_check_step:
+        # The epoch's check comes with its last batch: before validation and the checkpoints it may trigger. Checked by
+        # steps, a CG iteration (an epoch) and the epoch where the swap bound falls are still checked at their end.
+        last, step, every = is_last_batch(trainer), trainer.global_step, self.check_every_n_steps or 1
+        by_epoch = self.check_every_n_steps is None or self._cg is not None  # steps move only when the optimizer does
+        bound = last and self._phase is Phase.FIRST and self._schedule.swap_at == trainer.current_epoch + 1
+        if (last and by_epoch) or bound or (not by_epoch and step % every == 0 and step != self._last_check_step):
             self._last_check_step = step
             self._check(trainer, pl_module, trainer.current_epoch + int(last), at_epoch_end=last)
 
@@ -273,7 +271,7 @@ class ConvexitySwapCallback(Callback):
             decision = self._cg.on_train_epoch_end()
             if decision is not None:
                 self._fall_back(trainer, decision, epoch=trainer.current_epoch + 1)
-        if self.check_every_n_steps is None and not self._epoch_checked:
+        if (self.check_every_n_steps is None or self._cg is not None) and not self._epoch_checked:
             self._check(trainer, pl_module, trainer.current_epoch + 1, at_epoch_end=True)
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epochs_done: int, at_epoch_end: bool) -> None:
@@ -311,9 +309,8 @@ class ConvexitySwapCallback(Callback):
                 announce_swap(trainer, self._record, decision, epoch, swapped=False)
             return
         first_name = type(trainer.optimizers[0]).__name__
-        cg = CGPhase(trainer, pl_module, self._config, self._record, self._seed)  # may refuse: announce after it
+        self._cg = CGPhase(trainer, pl_module, self._config, self._record, self._seed)  # may refuse: announce after
         announce_swap(trainer, self._record, decision, epoch, swapped=True, first_name=first_name)
-        self._cg = cg
         self._enter(Phase.CG, trainer)
 
     def _fall_back(self, trainer: pl.Trainer, decision: Decision, epoch: int) -> None:

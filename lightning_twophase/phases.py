@@ -339,9 +339,16 @@ class CGPhase:
                 "off for the CG phase: clipping would corrupt the line search's gradients."
             )
         if trainer.accumulate_grad_batches != 1:
+            # Lightning then counts every batch as a step: a training bounded by max_steps ends that much sooner.
+            sooner = (
+                f" Every batch is then a step: the training's max_steps={trainer.max_steps} comes "
+                f"{trainer.accumulate_grad_batches}x sooner per epoch; bound it by max_epochs instead."
+                if trainer.max_steps > 0
+                else ""
+            )
             rank_zero_warn(
                 f"ConvexitySwapCallback: accumulate_grad_batches={trainer.accumulate_grad_batches} is set to 1 for "
-                "the CG phase, which forms its own exact macro-batch gradient."
+                f"the CG phase, which forms its own exact macro-batch gradient.{sooner}"
             )
         factory = self.config.scheduler_factory
         schedulers = [] if factory is None else scheduler_configs(factory(self.adapter))

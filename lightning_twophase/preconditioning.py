@@ -90,7 +90,17 @@ def apply_preconditioner(
     if choice == NO_PRECONDITIONER or not isinstance(second, ConjugateGradient):
         return
     if callable(choice):
-        diagonal = list(choice(first))
+        try:
+            diagonal = list(choice(first))
+            second.set_preconditioner(diagonal)  # checks count, shapes and values; set again below, after broadcast
+        except Exception as error:  # hours of training are not lost to it: the CG phase runs plain, and says why
+            warn(
+                "ConvexitySwapCallback: the `preconditioner` callable gave no usable diagonal "
+                f"({type(error).__name__}: {error}); the CG phase runs plain conjugate gradient. It must return one "
+                "positive, finite tensor per parameter, shaped like it, from the first optimizer."
+            )
+            second.set_preconditioner(None)
+            return
     else:
         try:
             found = second_moment_preconditioner(first)

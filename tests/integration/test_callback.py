@@ -158,6 +158,16 @@ def test_step_based_checks():
     assert cg_optimizer(trainer).totals["iterations"] >= 2
 
 
+def test_checked_by_steps_the_bound_swaps_at_its_epochs_end_and_every_cg_iteration_is_checked():
+    # 8 batches per epoch, checks every 3 steps: the bound of 2 epochs falls at step 16, between two step checks.
+    callback = swap_at(2, check_every_n_steps=3)
+    trainer = fit(TinyClassifier(), callback, max_epochs=5)
+    assert (callback.swap_epoch, callback.swap_step) == (2, 16)
+    cg_checks = [(r["epoch"], r["step"]) for r in callback.history if r["phase"] == "cg"]
+    assert cg_checks == [(3, 24), (4, 32), (5, 40)]  # one per CG iteration, at its epoch's end
+    assert cg_optimizer(trainer).totals["iterations"] == 3
+
+
 def test_swap_epoch_zero_runs_conjugate_gradient_from_the_start():
     CountingAdam.steps = 0
     callback = swap_at(0, optimizer={"preconditioner": "none"})

@@ -230,6 +230,17 @@ def test_second_moments_that_are_not_finite_give_plain_cg_with_a_warning():
     assert len(warnings) == 1 and "not all finite" in warnings[0] and "plain conjugate gradient" in warnings[0]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [lambda adam: 2.0, lambda adam: [torch.zeros_like(p) for g in adam.param_groups for p in g["params"]]],
+    ids=["not-tensors", "zeros"],
+)
+def test_a_preconditioner_callable_that_gives_no_usable_diagonal_means_plain_cg_with_a_warning(bad):
+    with pytest.warns(UserWarning, match="the `preconditioner` callable gave no usable diagonal"):
+        diagonal, _ = swap_preconditioner(TinyClassifier(), optimizer={"preconditioner": bad})
+    assert diagonal is None  # the run went on, in plain CG
+
+
 def test_no_preconditioner_and_a_user_supplied_one():
     diagonal, _ = swap_preconditioner(TinyClassifier(), optimizer={"preconditioner": "none"})
     assert diagonal is None  # plain CG

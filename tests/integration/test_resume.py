@@ -187,3 +187,20 @@ def test_resuming_a_cg_phase_checkpoint_without_the_callback_names_it(uninterrup
     # names the missing callback before the optimizer state fails to load.
     with pytest.warns(UserWarning, match="ConvexitySwapCallback"), pytest.raises(KeyError):
         resume(cg_checkpoint(uninterrupted), None, tmp_path)
+
+
+def test_checked_by_steps_a_resume_in_the_cg_phase_keeps_every_check(tmp_path):
+    # Each CG iteration is checked at its epoch's end, before the epoch's checkpoint: nothing waits in a checkpoint.
+    def fit_steps(directory: Path, ckpt_path: str | None = None) -> tuple[PeakingClassifier, ConvexitySwapCallback]:
+        model, callback = PeakingClassifier(), swap_at(2, check_every_n_steps=3)
+        checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        kwargs = trainer_kwargs(max_epochs=5, enable_checkpointing=True)
+        pl.Trainer(callbacks=[callback, checkpoints], **kwargs).fit(model, ckpt_path=ckpt_path)
+        return model, callback
+
+    reference_model, reference = fit_steps(tmp_path / "uninterrupted")
+    model, resumed = fit_steps(tmp_path / "resumed", str(tmp_path / "uninterrupted" / "epoch=2.ckpt"))
+    assert [r["phase"] for r in reference.history].count("cg") == 3
+    assert resumed.history == reference.history
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
