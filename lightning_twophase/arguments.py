@@ -12,7 +12,7 @@ import math
 from numbers import Real
 from typing import Any
 
-__all__ = ["check_count", "check_epoch", "check_flag", "check_instance", "check_number"]
+__all__ = ["check_count", "check_epoch", "check_flag", "check_instance", "check_number", "epochs_of"]
 
 
 def check_flag(owner: str, name: str, value: Any) -> bool:
@@ -80,6 +80,11 @@ def check_epoch(owner: str, name: str, value: Any, optional: bool = True) -> int
             f"{owner}: `{name}` must be an epoch count >= 0 or a fraction of max_epochs in (0, 1), got {value!r}."
         )
     return int(value)
+
+
+def epochs_of(fraction: float, epochs: int) -> int:
+    """``fraction`` of a training of ``epochs`` epochs, in whole epochs (halves round up: 0.5 of 5 is 3)."""
+    return math.floor(fraction * epochs + 0.5)
 
 
 def check_instance(owner: str, name: str, value: Any, expected: type, hint: str = "") -> Any:

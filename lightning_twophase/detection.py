@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from lightning_twophase import tags
-from lightning_twophase.arguments import check_count, check_epoch, check_flag, check_number
+from lightning_twophase.arguments import check_count, check_epoch, check_flag, check_number, epochs_of
 from lightning_twophase.decision import Decision, Reason
 
 __all__ = ["GradientNormPeakDetector", "PlateauDetector", "SwapDetector"]
@@ -122,7 +122,7 @@ class PlateauDetector(SwapDetector):
                     f"PlateauDetector: `window={self.window}` is a fraction of max_epochs, but the Trainer has no "
                     "max_epochs; pass the window as a number of epochs."
                 )
-            self._epochs = max(1, math.floor(self.window * max_epochs + 0.5))  # halves round up
+            self._epochs = max(1, epochs_of(self.window, max_epochs))
 
     @property
     def window_epochs(self) -> int:

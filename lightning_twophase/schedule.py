@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lightning_twophase.arguments import check_count, check_epoch
+from lightning_twophase.arguments import check_count, check_epoch, epochs_of
 from lightning_twophase.decision import Decision, Reason
 from lightning_twophase.detection import SwapDetector
 
@@ -47,7 +47,7 @@ class SwapSchedule:
         setting, given = self.swap_epoch, f"swap_epoch={self.swap_epoch}"
         problems = []
         if isinstance(setting, float):
-            self.swap_at = None if epochs is None else math.floor(setting * epochs + 0.5)  # halves round up
+            self.swap_at = None if epochs is None else epochs_of(setting, epochs)
             if epochs is None:
                 problems.append(
                     f"`{given}` is a fraction of the training's length, but it is unknown (no max_epochs, and no "
