@@ -5,7 +5,7 @@ from lightning_twophase.decision import Decision, Reason
 from lightning_twophase.detection import GradientNormPeakDetector, PlateauDetector, SwapDetector
 from lightning_twophase.fallback import FallbackPolicy
 from lightning_twophase.objective import is_trial_evaluation
-from lightning_twophase.optim import ConjugateGradient, NonFiniteObjectiveError, StepDiagnostics
+from lightning_twophase.optim import LBFGS, ConjugateGradient, NonFiniteObjectiveError, StepDiagnostics
 from lightning_twophase.phases import Phase
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "Decision",
     "FallbackPolicy",
     "GradientNormPeakDetector",
+    "LBFGS",
     "NonFiniteObjectiveError",
     "Phase",
     "PlateauDetector",

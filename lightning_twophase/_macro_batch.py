@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 
 from lightning_twophase.objective import TrainingObjective
 from lightning_twophase.optim.conjugate_gradient import ConjugateGradient, NonFiniteObjectiveError, StepDiagnostics
+from lightning_twophase.optim.lbfgs import LBFGS
 
 __all__ = ["MacroBatchStep"]  # the adapter itself is private to the CG phase
 
@@ -120,8 +121,8 @@ class _MacroBatchOptimizer(Optimizer):
         self._grad_sum: list[Tensor] | None = None
         self._loss_sum: Tensor | None = None
         self._finite: list[tuple[int, Tensor]] = []  # (batch_idx, whether its loss was finite), read once per step
-        # Only ConjugateGradient promises finite weights after every step; other optimizers' steps are checked.
-        self._guard_weights = not isinstance(optimizer, ConjugateGradient)
+        # The package's optimizers promise finite weights after every step; other optimizers' steps are checked.
+        self._guard_weights = not isinstance(optimizer, (ConjugateGradient, LBFGS))
         #: Macro-batch steps taken (also the iteration counter of the random seeds; saved with the state).
         self.steps = 0
 

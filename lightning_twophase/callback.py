@@ -95,9 +95,12 @@ class ConvexitySwapCallback(Callback):
         min_epochs: no swap by the detector before this many epochs.
         check_every_n_steps: check every this many optimizer steps instead of once per epoch.
         detect_only: decide and log the swap point, but never swap.
-        optimizer: keyword arguments for :class:`~lightning_twophase.ConjugateGradient`, ``"preconditioner"`` among
-            them (``"second_moments"``, the default: ``1 / sqrt(v_hat)``; ``"none"``; or a callable of the first
-            optimizer), or a factory of a closure optimizer from the parameter groups (``torch.optim.LBFGS``, say).
+        optimizer: the second phase: ``"lbfgs"`` (:class:`~lightning_twophase.LBFGS`, the default: up to 20
+            iterations per epoch on the kept batches), ``"cg"`` (the paper's :class:`~lightning_twophase.ConjugateGradient`,
+            one iteration per epoch), a dict of its options with its ``"name"`` (``"lbfgs"`` unless given), among them
+            ``"preconditioner"`` (``"second_moments"``, the default: the first optimizer's ``1 / sqrt(v_hat)``;
+            ``"none"``; or a callable of the first optimizer), or a factory of a closure optimizer from the parameter
+            groups (``torch.optim.LBFGS``, say).
         batches_per_iteration: ``None``: one CG iteration per epoch on the whole training set (the paper's); ``K``:
             per macro-batch of ``K`` mini-batches (``1`` is unsound unless one batch is the whole set).
         scheduler_factory: builds the CG phase's learning-rate scheduler from its optimizer (default: none).
@@ -120,7 +123,7 @@ class ConvexitySwapCallback(Callback):
         min_epochs: int = 0,
         check_every_n_steps: int | None = None,
         detect_only: bool = False,
-        optimizer: dict[str, Any] | OptimizerFactory | None = None,
+        optimizer: str | dict[str, Any] | OptimizerFactory | None = None,
         batches_per_iteration: int | None = None,
         scheduler_factory: SchedulerFactory | None = None,
         fallback: bool | FallbackPolicy = True,

@@ -174,6 +174,7 @@ class TrainingObjective:
         self._states_fit = True
         self._warned_states = False
         self._start_loss: float | None = None
+        self._chunk: Any = None  # the kept device batches joined, for trial_batching="chunks" (made once per iteration)
         #: Samples passed forward and backward by trial evaluations, over all ranks (for compute accounting).
         self.forward_samples = 0
         self.backward_samples = 0
@@ -242,6 +243,7 @@ class TrainingObjective:
         self._last_state = None
         self._states_fit = True
         self._start_loss = None
+        self._chunk = None
 
     def seeded(self, position: int) -> AbstractContextManager[None]:
         """Run with the random state of the batch at ``position`` in this iteration (the same at every trial point):
@@ -272,7 +274,7 @@ class TrainingObjective:
         )
 
     def value(self) -> Tensor:
-        """The mean loss over the stored batches (forward passes only, no autograd graph)."""
+        """The mean loss over the stored batches (forward passes only: no gradient is taken)."""
         if self.trial_batching == "auto":
             by_batch = self._forward_value(chunked=False)
             by_chunk, error = self._chunked_value_tried()
@@ -285,8 +287,11 @@ class TrainingObjective:
     def _forward_sums(self, chunked: bool) -> tuple[Tensor, int]:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        with torch.no_grad():
-            for loss, size in self._chunk_losses() if chunked else map(self._loss_on, range(len(self._batches))):
+        # Autograd stays on, as in the loop's pass: a loss may take gradients of its own (a PINN's u'' through
+        # torch.autograd.grad). Each batch's graph is dropped with its loss.
+        with torch.enable_grad():
+            for evaluate in self._evaluations(chunked):
+                loss, size = evaluate()
                 if loss is not None:
                     total += loss.detach().double() * size
                     count += size
@@ -314,19 +319,24 @@ class TrainingObjective:
             self.forward_samples += samples
         return mean, error
 
-    def _chunk_losses(self) -> Iterator[tuple[Tensor | None, int]]:
-        """The loss of the batches kept on the device, concatenated into one chunk; the others one by one."""
+    def _evaluations(self, chunked: bool) -> list[Callable[[], tuple[Tensor | None, int]]]:
+        """One evaluation per kept batch, or, ``chunked``, one of the batches kept on the device joined into one chunk
+        (made once per iteration) and one per batch kept on the host."""
+        if not chunked:
+            return [partial(self._loss_on, position) for position in range(len(self._batches))]
         kept = [entry for entry in self._batches if entry[3]]
+        evaluations = [partial(self._loss_on, position) for position, entry in enumerate(self._batches) if not entry[3]]
         if kept:
-            chunk = _concatenate([entry[0] for entry in kept])
-            _, batch_idx, _, _, state = kept[0]
-            if state is not None:
-                state.restore(self._report)
-            with self.seeded(0):
-                yield self.loss_fn(chunk, batch_idx), sum(entry[2] for entry in kept)
-        for position, entry in enumerate(self._batches):
-            if not entry[3]:
-                yield self._loss_on(position)
+            if self._chunk is None:
+                self._chunk = _concatenate([entry[0] for entry in kept])
+            evaluations.insert(0, partial(self._chunk_loss, kept[0][1], kept[0][4], sum(entry[2] for entry in kept)))
+        return evaluations
+
+    def _chunk_loss(self, batch_idx: int, state: ModuleState | None, size: int) -> tuple[Tensor | None, int]:
+        if state is not None:
+            state.restore(self._report)
+        with self.seeded(0):
+            return self.loss_fn(self._chunk, batch_idx), size
 
     def value_and_gradient(self) -> Tensor:
         """The mean loss, with its gradient written to ``p.grad``: means over every sample of every rank.
@@ -347,13 +357,15 @@ class TrainingObjective:
                 p.grad.zero_()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
+        if self.trial_batching == "auto":
+            self.value()  # decided once, at the first evaluation, by the values (a forward pass more, counted)
         with self._gradients.others_kept():
-            for position in range(len(self._batches)):
+            for evaluate in self._evaluations(self.trial_batching == "chunks"):
                 with torch.enable_grad():
-                    loss, size = self._loss_on(position)
+                    loss, size = evaluate()
                     if loss is None:
                         continue
-                    loss = self._gradients.add(loss, size, partial(self._loss_on, position))
+                    loss = self._gradients.add(loss, size, evaluate)
                 total += loss.detach().double() * size
                 count += size
         mean, samples = self.global_mean_(total, count, [p.grad for p in self.params])
@@ -490,7 +502,11 @@ def _seeded(seed: int, device: torch.device) -> Iterator[None]:
     numpy_state = numpy_random.get_state() if numpy_random is not None else None
     try:
         with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-            torch.manual_seed(seed)
+            # The generators the evaluation can draw from, not torch.manual_seed: on a CUDA build without an
+            # initialised GPU that queues a seeding of every GPU with a captured stack trace, 4 ms per batch.
+            torch.default_generator.manual_seed(seed)
+            if devices:
+                torch.cuda.manual_seed(seed)
             random.seed(seed)
             if numpy_random is not None:
                 numpy_random.seed(seed)

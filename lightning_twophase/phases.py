@@ -42,13 +42,15 @@ from lightning_twophase.arguments import check_count, check_instance
 from lightning_twophase.decision import Decision
 from lightning_twophase.fallback import FallbackPolicy
 from lightning_twophase.objective import TrainingObjective, lightning_objective
-from lightning_twophase.optim import ConjugateGradient, NonFiniteObjectiveError
+from lightning_twophase.optim import LBFGS, ConjugateGradient, NonFiniteObjectiveError
 from lightning_twophase.preconditioning import NO_PRECONDITIONER, SECOND_MOMENTS, apply_preconditioner
 from lightning_twophase.record import RunRecord
 from lightning_twophase.refusals import another_model, refuse
 
 __all__ = [
     "DEFAULT_CG_OPTIONS",
+    "DEFAULT_LBFGS_OPTIONS",
+    "SECOND_PHASES",
     "CGPhase",
     "CGPhaseConfig",
     "FirstPhase",
@@ -65,8 +67,8 @@ SchedulerFactory = Callable[[Optimizer], Any]
 #: Builds the objective of the kept batches: ``(trainer, pl_module, params, seed) -> TrainingObjective``.
 ObjectiveFactory = Callable[[pl.Trainer, pl.LightningModule, list[Tensor], int], TrainingObjective]
 
-#: The CG phase's options unless the callback's ``optimizer`` overrides them. Hager-Zhang directions reached a lower
-#: loss than Polak-Ribiere+ on real MNIST (``benchmarks/fullbatch_vs_minibatch.py``); the value-only interpolation
+#: The paper's conjugate gradient (``optimizer="cg"``), with the options measured for it: Hager-Zhang directions reached a
+#: lower loss than Polak-Ribiere+ on real MNIST (``benchmarks/fullbatch_vs_minibatch.py``); the value-only interpolation
 #: search at a 10 % tolerance reached the loss of Brent's for fewer evaluations (``benchmarks/phase_cost.py``); the
 #: first optimizer's second moments made CG competitive on the transformers (``benchmarks/swap_study.py``).
 DEFAULT_CG_OPTIONS: dict[str, Any] = {
@@ -74,6 +76,14 @@ DEFAULT_CG_OPTIONS: dict[str, Any] = {
     "line_search": "interpolation",
     "line_search_tolerance": 0.1,
     "preconditioner": SECOND_MOMENTS,
+}
+#: The default second phase (``optimizer="lbfgs"``): L-BFGS with up to 20 iterations per epoch on the kept batches, its
+#: initial inverse Hessian in the first optimizer's geometry (``benchmarks/practice.py``, ``benchmarks/swap_study.py``).
+DEFAULT_LBFGS_OPTIONS: dict[str, Any] = {"max_iter": 20, "history_size": 20, "preconditioner": SECOND_MOMENTS}
+#: The second phases by name: the optimizer class and its default options.
+SECOND_PHASES: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
+    "lbfgs": (LBFGS, DEFAULT_LBFGS_OPTIONS),
+    "cg": (ConjugateGradient, DEFAULT_CG_OPTIONS),
 }
 
 
@@ -212,7 +222,7 @@ class CGPhaseConfig:
     @classmethod
     def from_arguments(
         cls,
-        optimizer: dict[str, Any] | OptimizerFactory | None,
+        optimizer: str | dict[str, Any] | OptimizerFactory | None,
         batches_per_iteration: int | None,
         scheduler_factory: SchedulerFactory | None,
         fallback: bool | FallbackPolicy,
@@ -220,25 +230,16 @@ class CGPhaseConfig:
     ) -> CGPhaseConfig:
         """The configuration of the callback's arguments, checked (see ``ConvexitySwapCallback``)."""
         owner = "ConvexitySwapCallback"
+        if isinstance(optimizer, str):
+            optimizer = {"name": optimizer}
         if isinstance(optimizer, dict) or optimizer is None:
-            options = {**DEFAULT_CG_OPTIONS, **(optimizer or {})}
-            preconditioner = options.pop("preconditioner")
-            if not (callable(preconditioner) or preconditioner in (SECOND_MOMENTS, NO_PRECONDITIONER)):
-                raise ValueError(
-                    f"{owner}: the optimizer's `preconditioner` must be {SECOND_MOMENTS!r}, {NO_PRECONDITIONER!r} or "
-                    f"a callable, got {preconditioner!r}."
-                )
-            try:  # checked now, not at the swap
-                ConjugateGradient([torch.zeros(1, requires_grad=True)], **options)
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"{owner}: `optimizer` holds options ConjugateGradient refuses: {error}") from error
-            build_optimizer: OptimizerFactory = partial(ConjugateGradient, **options)
+            build_optimizer, preconditioner = _named_second_phase(owner, dict(optimizer or {}))
         elif callable(optimizer):  # an optimizer class taking parameter groups is a factory too
             build_optimizer, preconditioner = optimizer, NO_PRECONDITIONER
         else:
             raise TypeError(
-                f"{owner}: `optimizer` must be a dict of ConjugateGradient options or a factory building an optimizer "
-                f"from parameter groups, got {optimizer!r}."
+                f"{owner}: `optimizer` must be a second phase's name {tuple(SECOND_PHASES)}, a dict of its options "
+                f'(with "name"), or a factory building an optimizer from parameter groups, got {optimizer!r}.'
             )
         if scheduler_factory is not None and not callable(scheduler_factory):
             raise TypeError(f"{owner}: `scheduler_factory` must be callable, got {type(scheduler_factory).__name__}.")
@@ -504,3 +505,28 @@ def _batch_size(batch: Any) -> int:
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor) and batch[0].dim() > 0:
         return batch[0].shape[0]
     return extract_batch_size(batch)
+
+
+def _named_second_phase(owner: str, options: dict[str, Any]) -> tuple[OptimizerFactory, str | PreconditionerFactory]:
+    """The factory and preconditioner of ``{"name": ..., **options}`` (``"lbfgs"`` unless named), checked now, not at
+    the swap."""
+    name = options.pop("name", "lbfgs")
+    if name not in SECOND_PHASES:
+        raise ValueError(f"{owner}: the second phase {name!r} is unknown; choose one of {tuple(SECOND_PHASES)}.")
+    optimizer_class, defaults = SECOND_PHASES[name]
+    options = {**defaults, **options}
+    preconditioner = options.pop("preconditioner")
+    if not (callable(preconditioner) or preconditioner in (SECOND_MOMENTS, NO_PRECONDITIONER)):
+        raise ValueError(
+            f"{owner}: the optimizer's `preconditioner` must be {SECOND_MOMENTS!r}, {NO_PRECONDITIONER!r} or a "
+            f"callable, got {preconditioner!r}."
+        )
+    try:
+        optimizer_class([torch.zeros(1, requires_grad=True)], **options)
+    except (TypeError, ValueError) as error:
+        other = [other for other, (cls, _) in SECOND_PHASES.items() if other != name]
+        raise ValueError(
+            f"{owner}: `optimizer` holds options {optimizer_class.__name__} ({name!r}) refuses: {error}. Options of "
+            f"another second phase go with its name, e.g. {{'name': {other[0]!r}, ...}}."
+        ) from error
+    return partial(optimizer_class, **options), preconditioner

@@ -7,5 +7,6 @@ from lightning_twophase.optim.conjugate_gradient import (
     NonFiniteObjectiveError,
     StepDiagnostics,
 )
+from lightning_twophase.optim.lbfgs import LBFGS
 
-__all__ = ["BETA_FORMULAS", "LINE_SEARCHES", "ConjugateGradient", "NonFiniteObjectiveError", "StepDiagnostics"]
+__all__ = ["BETA_FORMULAS", "LINE_SEARCHES", "LBFGS", "ConjugateGradient", "NonFiniteObjectiveError", "StepDiagnostics"]
