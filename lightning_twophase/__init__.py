@@ -9,12 +9,12 @@ from lightning_twophase.optim import LBFGS, ConjugateGradient, NonFiniteObjectiv
 from lightning_twophase.phases import Phase
 
 __all__ = [
+    "LBFGS",
     "ConjugateGradient",
     "ConvexitySwapCallback",
     "Decision",
     "FallbackPolicy",
     "GradientNormPeakDetector",
-    "LBFGS",
     "NonFiniteObjectiveError",
     "Phase",
     "PlateauDetector",

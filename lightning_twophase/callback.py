@@ -96,11 +96,11 @@ class ConvexitySwapCallback(Callback):
         check_every_n_steps: check every this many optimizer steps instead of once per epoch.
         detect_only: decide and log the swap point, but never swap.
         optimizer: the second phase: ``"lbfgs"`` (:class:`~lightning_twophase.LBFGS`, the default: up to 20
-            iterations per epoch on the kept batches), ``"cg"`` (the paper's :class:`~lightning_twophase.ConjugateGradient`,
-            one iteration per epoch), a dict of its options with its ``"name"`` (``"lbfgs"`` unless given), among them
-            ``"preconditioner"`` (``"second_moments"``, the default: the first optimizer's ``1 / sqrt(v_hat)``;
-            ``"none"``; or a callable of the first optimizer), or a factory of a closure optimizer from the parameter
-            groups (``torch.optim.LBFGS``, say).
+            iterations per epoch on the kept batches), ``"cg"`` (the paper's
+            :class:`~lightning_twophase.ConjugateGradient`, one iteration per epoch), a dict of its options with
+            its ``"name"`` (``"lbfgs"`` unless given), among them ``"preconditioner"`` (``"second_moments"``, the
+            default: the first optimizer's ``1 / sqrt(v_hat)``; ``"none"``; or a callable of the first optimizer),
+            or a factory of a closure optimizer from the parameter groups (``torch.optim.LBFGS``, say).
         batches_per_iteration: ``None``: one CG iteration per epoch on the whole training set (the paper's); ``K``:
             per macro-batch of ``K`` mini-batches (``1`` is unsound unless one batch is the whole set).
         scheduler_factory: builds the CG phase's learning-rate scheduler from its optimizer (default: none).

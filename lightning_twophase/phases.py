@@ -67,10 +67,10 @@ SchedulerFactory = Callable[[Optimizer], Any]
 #: Builds the objective of the kept batches: ``(trainer, pl_module, params, seed) -> TrainingObjective``.
 ObjectiveFactory = Callable[[pl.Trainer, pl.LightningModule, list[Tensor], int], TrainingObjective]
 
-#: The paper's conjugate gradient (``optimizer="cg"``), with the options measured for it: Hager-Zhang directions reached a
-#: lower loss than Polak-Ribiere+ on real MNIST (``benchmarks/fullbatch_vs_minibatch.py``); the value-only interpolation
-#: search at a 10 % tolerance reached the loss of Brent's for fewer evaluations (``benchmarks/phase_cost.py``); the
-#: first optimizer's second moments made CG competitive on the transformers (``benchmarks/swap_study.py``).
+#: The paper's conjugate gradient (``optimizer="cg"``), with the options measured for it: Hager-Zhang directions
+#: reached a lower loss than Polak-Ribiere+ on real MNIST (``benchmarks/fullbatch_vs_minibatch.py``); the value-only
+#: interpolation search at a 10 % tolerance reached the loss of Brent's for fewer evaluations
+#: (``benchmarks/phase_cost.py``); the first optimizer's second moments made CG competitive on the transformers.
 DEFAULT_CG_OPTIONS: dict[str, Any] = {
     "beta": "hager_zhang",
     "line_search": "interpolation",

@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_twophase.optim.conjugate_gradient import ConjugateGradient
-from lightning_twophase.optim.lbfgs import LBFGS
 from lightning_twophase.optim.distributed import broadcast_
+from lightning_twophase.optim.lbfgs import LBFGS
 
 __all__ = ["FLOOR", "NO_PRECONDITIONER", "SECOND_MOMENTS", "apply_preconditioner", "second_moment_preconditioner"]
 
@@ -82,7 +82,8 @@ def apply_preconditioner(
     second: Optimizer,
     warn: Callable[[str], None],
 ) -> None:
-    """Give ``second`` (:class:`~lightning_twophase.LBFGS` or :class:`~lightning_twophase.ConjugateGradient`) the preconditioner ``choice`` asks for.
+    """Give ``second`` (:class:`~lightning_twophase.LBFGS` or :class:`~lightning_twophase.ConjugateGradient`) the
+    preconditioner ``choice`` asks for.
 
     ``choice`` is ``"none"``, ``"second_moments"`` (from ``first``'s state; plain CG and a warning if it keeps
     none) or a callable returning one positive tensor per parameter from ``first``. Rank 0's diagonal goes to every

@@ -9,4 +9,4 @@ from lightning_twophase.optim.conjugate_gradient import (
 )
 from lightning_twophase.optim.lbfgs import LBFGS
 
-__all__ = ["BETA_FORMULAS", "LINE_SEARCHES", "LBFGS", "ConjugateGradient", "NonFiniteObjectiveError", "StepDiagnostics"]
+__all__ = ["BETA_FORMULAS", "LBFGS", "LINE_SEARCHES", "ConjugateGradient", "NonFiniteObjectiveError", "StepDiagnostics"]

@@ -1,4 +1,4 @@
-"""LBFGS: convergence against torch's L-BFGS on the same closures, safety with bad numbers, state and distributed use."""
+"""LBFGS: convergence against torch's L-BFGS on the same closures, safety with bad numbers, state, distributed use."""
 
 from __future__ import annotations
 
