@@ -325,9 +325,7 @@ class ConvexitySwapCallback(Callback):
         ):  # detecting only, the swap point is found (and judged) once
             self._swap(trainer, pl_module, decision, epoch)
 
-    def _room_for_second_phase(
-        self, trainer: pl.Trainer, decision: Decision, epoch: int, batches_left: float
-    ) -> bool:
+    def _room_for_second_phase(self, trainer: pl.Trainer, decision: Decision, epoch: int, batches_left: float) -> bool:
         """Whether a swap now leaves a complete second-phase iteration before the training ends; if not, the rule's
         answer becomes ``TRAINING_ENDS`` and the first optimizer trains on (said once per fit)."""
         why = refusals.no_second_phase_iteration(trainer, self._config.batches_per_step, batches_left)

@@ -164,8 +164,8 @@ def no_second_phase_iteration(
             )
     if steps_left < needed:
         return (
-            f"max_steps={max_steps} leaves {steps_left} step(s), fewer than the {needed} batches (one step each) of one "
-            "complete conjugate-gradient iteration"
+            f"max_steps={max_steps} leaves {steps_left} step(s), fewer than the {needed} batches (one step each) of "
+            "one complete conjugate-gradient iteration"
         )
     return None
 

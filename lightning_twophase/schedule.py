@@ -36,11 +36,11 @@ class SwapSchedule:
         self.min_epochs = check_count(owner, "min_epochs", min_epochs)
         if detector is not None:  # a rule's own attribute: 0 or None would fail at the first measure, not here
             name = type(detector).__name__
-            hint = "how often the first phase measures the gradient norm, in optimizer steps"
+            hint = "how often the first phase measures the gradient norm, in optimizer steps: 1 for a rule that reads"
             try:
                 check_count(name, "norm_every_n_steps", detector.norm_every_n_steps, minimum=1)
             except (TypeError, ValueError) as error:
-                raise type(error)(f"{error} It is {hint}: 1 for a rule that reads the norm, more if it does not.") from None
+                raise type(error)(f"{error} It is {hint} the norm, more if it does not.") from None
         #: ``swap_epoch`` in epochs, once :meth:`setup` resolved it.
         self.swap_at: int | None = None if isinstance(self.swap_epoch, float) else self.swap_epoch
         #: Set by :meth:`setup` when the bound leaves no swap in the training (say it, train on): why.

@@ -734,6 +734,16 @@ def test_one_configured_detector_serves_a_loop_over_seeds():
     assert detector.points == [] and first.detector.points and first.detector is not second.detector
 
 
+def test_a_detector_that_cannot_be_copied_is_used_as_it_is_with_a_warning():
+    import threading
+
+    detector = LossBelow(0.1)
+    detector.lock = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.warns(UserWarning, match="LossBelow cannot be copied.*pass a new instance to each callback"):
+        callback = ConvexitySwapCallback(detector=detector)
+    assert callback.detector is detector
+
+
 class NormEvery(LossBelow):
     def __init__(self, every: Any) -> None:
         super().__init__(0.0)
@@ -742,7 +752,7 @@ class NormEvery(LossBelow):
 
 @pytest.mark.parametrize("every", [0, None, 2.5], ids=["zero", "none", "fraction"])
 def test_a_users_norm_interval_that_cannot_work_is_refused_when_the_callback_is_made(every):
-    with pytest.raises((TypeError, ValueError), match="NormEvery: `norm_every_n_steps` must be .*gradient norm"):
+    with pytest.raises((TypeError, ValueError), match=r"NormEvery: `norm_every_n_steps` must be .*gradient norm"):
         ConvexitySwapCallback(detector=NormEvery(every))
 
 
@@ -768,7 +778,8 @@ class WithScalars(SwapDetector):
 )
 def test_a_users_detector_answering_with_scalars_that_cannot_be_logged_is_refused_before_training(scalars, match):
     trainer = pl.Trainer(callbacks=[ConvexitySwapCallback(detector=WithScalars(scalars))], **trainer_kwargs())
-    with pytest.raises(MisconfigurationException, match=f"WithScalars answers with a Decision that is refused.*{match}"):
+    refused = f"WithScalars answers with a Decision that is refused.*{match}"
+    with pytest.raises(MisconfigurationException, match=refused):
         trainer.fit(TinyClassifier())
     assert trainer.global_step == 0
 
@@ -785,10 +796,10 @@ def test_numpy_scalars_of_a_users_detector_leave_a_checkpoint_lightning_loads_by
         return callback
 
     reference = run()
-    assert type(reference.history[0]["mine"]) is float and reference.swap_decision.scalars == {"twophase/mine": 0.5}
-    torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)  # plain numbers only
     resumed = run(str(tmp_path / "epoch=1.ckpt"))  # Lightning's own load
     assert resumed.history == reference.history and resumed.swap_decision == reference.swap_decision
+    torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)  # plain numbers only
+    assert type(reference.history[0]["mine"]) is float and reference.swap_decision.scalars == {"twophase/mine": 0.5}
 
 
 def adam_trained_to_the_end(trainer: pl.Trainer, callback: ConvexitySwapCallback) -> None:

@@ -12,10 +12,10 @@ import torch
 from lightning_twophase import (
     ConjugateGradient,
     ConvexitySwapCallback,
+    Decision,
     FallbackPolicy,
     GradientNormPeakDetector,
     PlateauDetector,
-    Decision,
     Reason,
     SwapDetector,
 )
