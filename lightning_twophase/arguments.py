@@ -3,13 +3,14 @@
 Each check names the owner and the argument, says what was given and what is expected, and refuses what Python would
 otherwise take silently: ``nan`` (every comparison with it is false), a float where a count is meant (``2.5``
 iterations), a ``bool`` where a number is meant (``True`` is 1), a string where a flag is meant (``"no"`` is true),
-a class where an instance is meant. No Lightning in here.
+a class where an instance is meant. Any real number type is taken (``numpy.float32(0.5)``, ``Fraction(1, 2)``) and
+converted to a Python ``int`` or ``float``, so that checkpoints hold plain numbers. No Lightning in here.
 """
 
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
 
 __all__ = ["check_count", "check_epoch", "check_flag", "check_instance", "check_number", "epochs_of"]
@@ -30,7 +31,7 @@ def check_count(owner: str, name: str, value: Any, minimum: int = 0, optional: b
     given = f"got {value!r} of type {type(value).__name__}"
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{owner}: `{name}` must be a whole number{' or None' if optional else ''}, {given}.")
-    if not (math.isfinite(value) and float(value).is_integer()):
+    if not isinstance(value, Integral) and not (math.isfinite(float(value)) and float(value).is_integer()):
         raise ValueError(f"{owner}: `{name}` must be a whole number{' or None' if optional else ''}, {given}.")
     if value < minimum:
         raise ValueError(f"{owner}: `{name}` must be at least {minimum}, got {value!r}.")
@@ -52,6 +53,7 @@ def check_number(
     given = f"got {value!r} of type {type(value).__name__}"
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{owner}: `{name}` must be a number{' or None' if optional else ''}, {given}.")
+    value = float(value)  # numpy scalars, fractions: a Python float from here on
     if not math.isfinite(value):
         raise ValueError(f"{owner}: `{name}` must be a finite number, {given}.")
     low = minimum is None or (value > minimum if strict else value >= minimum)
@@ -60,7 +62,7 @@ def check_number(
         left, right = ("(", ")") if strict else ("[", "]")
         interval = f"{left}{'-inf' if minimum is None else minimum}, {'inf' if maximum is None else maximum}{right}"
         raise ValueError(f"{owner}: `{name}` must lie in {interval}, got {value!r}.")
-    return float(value)
+    return value
 
 
 def check_epoch(owner: str, name: str, value: Any, optional: bool = True) -> int | float | None:
@@ -73,13 +75,15 @@ def check_epoch(owner: str, name: str, value: Any, optional: bool = True) -> int
             f"{owner}: `{name}` must be an epoch count >= 0 or a fraction of max_epochs in (0, 1), got {value!r} of "
             f"type {type(value).__name__}."
         )
-    if isinstance(value, float) and 0 < value < 1:
-        return value
-    if not (math.isfinite(value) and float(value).is_integer()) or value < 0:
+    # numpy scalars and fractions become a Python float (or int); a fraction stays a fraction, whatever its type.
+    number = value if isinstance(value, Integral) else float(value)
+    if isinstance(number, float) and 0 < number < 1:
+        return number
+    if not (math.isfinite(number) and float(number).is_integer()) or number < 0:
         raise ValueError(
             f"{owner}: `{name}` must be an epoch count >= 0 or a fraction of max_epochs in (0, 1), got {value!r}."
         )
-    return int(value)
+    return int(number)
 
 
 def epochs_of(fraction: float, epochs: int) -> int:

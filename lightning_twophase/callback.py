@@ -20,6 +20,7 @@ CG phase in ``on_fit_start``, before Lightning restores the optimizer states.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import lightning.pytorch as pl
@@ -52,6 +53,9 @@ _OWNER = "ConvexitySwapCallback"
 
 #: ``detector`` names.
 DETECTORS = {"plateau": PlateauDetector, "paper": GradientNormPeakDetector}
+
+#: After a fallback no rule reads the gradient norm: it is measured on one step in this many, for the logs.
+FALLBACK_NORM_EVERY_N_STEPS = 32
 
 #: Arguments of earlier versions, and how to say the same now.
 RENAMED = {
@@ -89,7 +93,8 @@ class ConvexitySwapCallback(Callback):
     Args:
         detector: the swap rule: ``"plateau"`` (:class:`~lightning_twophase.PlateauDetector`), ``"paper"`` (the
             paper's :class:`~lightning_twophase.GradientNormPeakDetector`), a :class:`~lightning_twophase.SwapDetector`
-            of your own, or ``None`` (swap at ``swap_epoch``).
+            of your own, or ``None`` (swap at ``swap_epoch``). The callback works on a copy of an instance (read it
+            as :attr:`detector`): one configured instance serves any number of runs, each starting afresh.
         swap_epoch: swap after this many epochs at the latest; a float in (0, 1) is that fraction of ``max_epochs``
             (or of ``max_steps`` in epochs); ``0``: CG from the start; ``None``: no bound.
         min_epochs: no swap by the detector before this many epochs.
@@ -147,6 +152,7 @@ class ConvexitySwapCallback(Callback):
         self._resumed: dict[str, Any] | None = None
         self._seed = int(torch.initial_seed()) % (2**31)
         self._last_check_step, self._epoch_checked = 0, False
+        self._warned_training_ends = False
 
     @property
     def detector(self) -> SwapDetector | None:
@@ -223,10 +229,16 @@ class ConvexitySwapCallback(Callback):
         problems += refusals.detector_problems(self.detector, tuple(DETECTORS.values()), epochs)
         refusals.refuse(problems + self._schedule.setup(epochs))
         monitoring.add_custom_scalars_layout(trainer)
-        if self._schedule.swap_at == 0 and self._phase is Phase.FIRST and self._record.swap_decision is None:
+        fresh = self._phase is Phase.FIRST and self._record.swap_decision is None
+        self._warned_training_ends = False
+        if self._schedule.note is not None and fresh:  # no swap in this training: said once, training goes on
+            rank_zero_warn(self._schedule.note + ".")
+            self._warned_training_ends = True
+        if self._schedule.swap_at == 0 and fresh:
             # swap_epoch=0: conjugate gradient from the first step (the paper's "CG only" schedule).
             decision = Decision(True, Reason.SWAP_EPOCH, "swap_epoch=0 asks for conjugate gradient from the start")
-            self._swap(trainer, pl_module, decision, epoch=0)
+            if self._room_for_second_phase(trainer, decision, 0, trainer.num_training_batches):
+                self._swap(trainer, pl_module, decision, epoch=0)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -265,7 +277,8 @@ class ConvexitySwapCallback(Callback):
         bound = last and self._phase is Phase.FIRST and self._schedule.swap_at == trainer.current_epoch + 1
         if (last and by_epoch) or bound or (not by_epoch and step % every == 0 and step != self._last_check_step):
             self._last_check_step = step
-            self._check(trainer, pl_module, trainer.current_epoch + int(last), at_epoch_end=last)
+            left = 0 if last else trainer.num_training_batches - batch_idx - 1
+            self._check(trainer, pl_module, trainer.current_epoch + int(last), at_epoch_end=last, batches_left=left)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -277,7 +290,14 @@ class ConvexitySwapCallback(Callback):
         if (self.check_every_n_steps is None or self._cg is not None) and not self._epoch_checked:
             self._check(trainer, pl_module, trainer.current_epoch + 1, at_epoch_end=True)
 
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epochs_done: int, at_epoch_end: bool) -> None:
+    def _check(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        epochs_done: int,
+        at_epoch_end: bool,
+        batches_left: float = 0,
+    ) -> None:
         self._epoch_checked = self._epoch_checked or at_epoch_end
         means = self._first.measure(trainer) if self._cg is None else self._cg.measure()
         if means is None:
@@ -303,8 +323,26 @@ class ConvexitySwapCallback(Callback):
         epoch = epochs_done if at_epoch_end else trainer.current_epoch
         if self._cg is not None:
             self._fall_back(trainer, decision, epoch)
-        else:
+        elif self._record.swap_decision is not None or self._room_for_second_phase(
+            trainer, decision, epoch, batches_left
+        ):  # detecting only, the swap point is found (and judged) once
             self._swap(trainer, pl_module, decision, epoch)
+
+    def _room_for_second_phase(self, trainer: pl.Trainer, decision: Decision, epoch: int, batches_left: float) -> bool:
+        """Whether a swap now leaves a complete second-phase iteration before the training ends; if not, the rule's
+        answer becomes ``TRAINING_ENDS`` and the first optimizer trains on (said once per fit)."""
+        why = refusals.no_second_phase_iteration(trainer, self._config.batches_per_step, batches_left)
+        if why is None:
+            return True
+        held = Decision(False, Reason.TRAINING_ENDS, f"{decision.message}, but {why}", decision.scalars)
+        self._record.last_decision = held
+        if not self._warned_training_ends:
+            rank_zero_warn(
+                f"ConvexitySwapCallback: no swap at epoch {epoch}, step {trainer.global_step}: "
+                f"{held.message}. The first optimizer trains to the end."
+            )
+            self._warned_training_ends = True
+        return False
 
     def _swap(self, trainer: pl.Trainer, pl_module: pl.LightningModule, decision: Decision, epoch: int) -> None:
         if self.detect_only:
@@ -321,12 +359,14 @@ class ConvexitySwapCallback(Callback):
         self._cg.fall_back(decision, epoch)
         self._cg = None
         self._record.fallback_decision = decision
-        self._first = FirstPhase(self._record, 32)  # no rule reads the norm any more: a sample, for the logs
+        self._first = FirstPhase(self._record, FALLBACK_NORM_EVERY_N_STEPS)  # no rule reads the norm any more
         self._enter(Phase.FALLBACK, trainer)
 
     def _enter(self, phase: Phase, trainer: pl.Trainer) -> None:
         self._phase = phase
         set_callback_metric(trainer, tags.PHASE, tags.PHASE_VALUES[phase])
+        # At the step of the change itself: the jump of the chart is the swap (or the fallback), not the next check.
+        monitoring.log_scalars(trainer, {tags.PHASE: tags.PHASE_VALUES[phase]}, trainer.global_step)
         if self.log_figures:
             log_figure(trainer, self._record)
 
@@ -368,6 +408,9 @@ class ConvexitySwapCallback(Callback):
     def _restore_phase(self, state: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._phase = Phase(state["phase"])
         if self._phase is not Phase.CG:
+            # Measured as the uninterrupted run does: after a fallback, a sample of the norm for the logs.
+            every = FALLBACK_NORM_EVERY_N_STEPS if self._phase is Phase.FALLBACK else self._schedule.norm_every_n_steps
+            self._first = FirstPhase(self._record, every)
             self._first.load_state_dict(state)
             return
         if self.detect_only:
@@ -399,4 +442,14 @@ def _detector(detector: Any) -> SwapDetector | None:
             )
         return DETECTORS[detector]()
     hint = "Subclass lightning_twophase.SwapDetector for a rule of your own."
-    return check_instance(owner, "detector", detector, SwapDetector, hint)
+    check_instance(owner, "detector", detector, SwapDetector, hint)
+    # The callback's own copy: an instance that configured another run (a loop over seeds) starts afresh here.
+    try:
+        return copy.deepcopy(detector)
+    except Exception as error:  # a rule holding what cannot be copied is used as it is
+        rank_zero_warn(
+            f"{owner}: the detector {type(detector).__name__} cannot be copied ({type(error).__name__}: {error}), so "
+            "this callback uses the instance itself and its state carries over to any other callback given it: pass "
+            "a new instance to each callback."
+        )
+        return detector

@@ -32,6 +32,7 @@ class SwapDetector(ABC):
 
     The callback calls :meth:`setup` once before training, :meth:`update` once per check with numbers that are
     identical on every rank, and keeps :meth:`state_dict` in its checkpoints. Only :meth:`update` must be written.
+    The callback works on its own copy of the instance it is given, so one instance can configure any number of runs.
 
     Example::
 
@@ -47,7 +48,8 @@ class SwapDetector(ABC):
     """
 
     #: How often the first phase measures the gradient norm, in optimizer steps (at least once per check): 1 for a
-    #: rule that reads the norm, more for one that only logs it (each measure costs a pass over the gradients).
+    #: rule that reads the norm, more for one that only logs it (each measure costs a pass over the gradients). A
+    #: whole number >= 1, checked when the callback is made.
     norm_every_n_steps: int = 1
 
     def setup(self, max_epochs: int | None) -> None:

@@ -77,15 +77,18 @@ class RunRecord:
         state["history"] = [dict(record) for record in self.history]
         for name in decisions:
             decision = getattr(self, name)
-            state[name] = None if decision is None else [bool(decision.act), decision.reason.value, decision.message]
+            state[name] = None if decision is None else [decision.act, decision.reason.value, decision.message]
+            if decision is not None:
+                state[name].append(dict(decision.scalars))  # plain floats (Decision made them so)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in self.__dataclass_fields__:
             value = state[name]
             if name.endswith("_decision") and value is not None:
-                act, reason, message = value
-                value = Decision(bool(act), Reason(reason), message)
+                # Checkpoints of 0.3.0 kept no scalars: [act, reason, message].
+                act, reason, message, *scalars = value
+                value = Decision(bool(act), Reason(reason), message, scalars[0] if scalars else {})
             setattr(self, name, value)
         self.history = [dict(record) for record in self.history]
 

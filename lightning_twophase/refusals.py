@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "another_model",
     "detector_problems",
     "length_problems",
+    "no_second_phase_iteration",
     "optimizer_problems",
     "refuse",
     "second_phase_problems",
@@ -108,10 +110,18 @@ def detector_problems(detector: SwapDetector | None, built_in: tuple[type, ...],
     except Exception:  # a detector that cannot be copied or set up is checked (and set up) for real
         return []
     try:
-        answer = trial.update(1.0, 1.0, epoch=1, step=1)
+        inspect.signature(trial.update).bind(1.0, 1.0, epoch=1, step=1)
     except TypeError as error:
         return [f"the detector {name} cannot be called as update(loss, grad_norm, *, epoch, step): {error}"]
-    except Exception:  # anything else may depend on real numbers
+    except ValueError:  # no signature to read: calling it tells
+        pass
+    try:
+        answer = trial.update(1.0, 1.0, epoch=1, step=1)
+    except (TypeError, ValueError) as error:
+        if str(error).startswith("Decision:"):  # the answer it makes is refused (its scalars, say)
+            return [f"the detector {name} answers with a Decision that is refused: {error}"]
+        return []  # anything else may depend on real numbers
+    except Exception:
         return []
     if not isinstance(answer, Decision):
         return [
@@ -119,6 +129,45 @@ def detector_problems(detector: SwapDetector | None, built_in: tuple[type, ...],
             "lightning_twophase.Decision"
         ]
     return []
+
+
+def no_second_phase_iteration(
+    trainer: pl.Trainer, batches_per_iteration: int | None, batches_left_in_epoch: float
+) -> str | None:
+    """Why a swap now would leave no complete second-phase iteration before the training ends (``max_epochs``,
+    ``max_steps``); ``None`` if one fits. ``batches_left_in_epoch``: the batches of the current epoch still to come
+    (0 at its end, all of them before its first).
+
+    The CG phase steps on every batch. One iteration is a whole epoch (``batches_per_iteration=None``: from an
+    epoch's first batch to its last) or a macro-batch of ``batches_per_iteration`` batches (fewer at an epoch's end).
+    """
+    batches = trainer.num_training_batches
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    epochs_after = max_epochs - trainer.current_epoch - 1 if max_epochs is not None and max_epochs >= 0 else math.inf
+    steps_left = max_steps - trainer.global_step if max_steps > 0 else math.inf
+    if batches_per_iteration is None:
+        # A whole epoch: the rest of this one if none of it has run yet, else the next one.
+        fresh = batches_left_in_epoch >= batches
+        needed = batches if fresh else batches_left_in_epoch + batches
+        if not fresh and epochs_after < 1:
+            return (
+                f"the training ends with this epoch (max_epochs={max_epochs}): no whole epoch is left for a "
+                "conjugate-gradient iteration on the whole training set"
+            )
+    else:
+        needed = min(batches_per_iteration, batches)
+        in_epochs = batches_left_in_epoch + (epochs_after * batches if epochs_after > 0 else 0)
+        if in_epochs < needed:
+            return (
+                f"the training ends within {in_epochs:g} batch(es) (max_epochs={max_epochs}), fewer than the "
+                f"{needed} of one conjugate-gradient iteration (batches_per_iteration={batches_per_iteration})"
+            )
+    if steps_left < needed:
+        return (
+            f"max_steps={max_steps} leaves {steps_left} step(s), fewer than the {needed} batches (one step each) of "
+            "one complete conjugate-gradient iteration"
+        )
+    return None
 
 
 def another_model(error: Exception) -> str:

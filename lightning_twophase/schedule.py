@@ -34,18 +34,32 @@ class SwapSchedule:
         if detector is None and self.swap_epoch is None:
             raise ValueError(f"{owner}: with detector=None the swap comes at `swap_epoch`, which must not be None.")
         self.min_epochs = check_count(owner, "min_epochs", min_epochs)
+        if detector is not None:  # a rule's own attribute: 0 or None would fail at the first measure, not here
+            name = type(detector).__name__
+            hint = "how often the first phase measures the gradient norm, in optimizer steps: 1 for a rule that reads"
+            try:
+                check_count(name, "norm_every_n_steps", detector.norm_every_n_steps, minimum=1)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{error} It is {hint} the norm, more if it does not.") from None
         #: ``swap_epoch`` in epochs, once :meth:`setup` resolved it.
         self.swap_at: int | None = None if isinstance(self.swap_epoch, float) else self.swap_epoch
+        #: Set by :meth:`setup` when the bound leaves no swap in the training (say it, train on): why.
+        self.note: str | None = None
 
     @property
     def norm_every_n_steps(self) -> int:
         """How often the first phase measures the gradient norm: the detector's need, or a sample for the logs."""
-        return 32 if self.detector is None else self.detector.norm_every_n_steps
+        return 32 if self.detector is None else int(self.detector.norm_every_n_steps)
 
     def setup(self, epochs: int | None) -> list[str]:
-        """Resolve the bounds for a training of ``epochs`` epochs (``None``: unknown); the problems, if any."""
+        """Resolve the bounds for a training of ``epochs`` epochs (``None``: unknown); the problems, if any.
+
+        A bound that leaves no swap in the training (``detector=None`` with ``swap_epoch`` at or beyond its end, a
+        training of one epoch such as ``fast_dev_run``) is no problem: :attr:`note` says why, and the first optimizer
+        trains to the end."""
         setting, given = self.swap_epoch, f"swap_epoch={self.swap_epoch}"
         problems = []
+        self.note = None
         if isinstance(setting, float):
             self.swap_at = None if epochs is None else epochs_of(setting, epochs)
             if epochs is None:
@@ -53,6 +67,8 @@ class SwapSchedule:
                     f"`{given}` is a fraction of the training's length, but it is unknown (no max_epochs, and no "
                     "max_steps with a dataloader of known length); pass swap_epoch as a number of epochs"
                 )
+            elif self.swap_at == 0 and epochs <= 1:
+                self.swap_at = 1  # a fraction of one epoch: after it at the earliest, which leaves no CG iteration
             elif self.swap_at == 0:
                 problems.append(
                     f"`{given}` of {epochs} epochs rounds to no epoch of the first optimizer; pass swap_epoch=0 if "
@@ -60,11 +76,12 @@ class SwapSchedule:
                 )
         swap_at = self.swap_at
         if swap_at is not None and self.detector is None and epochs is not None and swap_at >= epochs:
-            resolved = f" ({swap_at} epochs)" if isinstance(setting, float) else ""
+            resolved = f" (epoch {swap_at})" if isinstance(setting, float) else ""
             smaller = "fraction" if isinstance(setting, float) else "epoch, or a fraction of max_epochs"
-            problems.append(
-                f"`{given}`{resolved} is not below the training's {epochs} epochs: the swap would never happen; pass "
-                f"a smaller {smaller}"
+            self.note = (
+                f"ConvexitySwapCallback: `{given}`{resolved} is not below the training's {epochs} epoch(s): no "
+                "second-phase iteration could follow the swap, so this training has none and the first optimizer "
+                f"trains to the end; pass a smaller {smaller} for a swap"
             )
         if swap_at is not None and self.detector is not None and self.min_epochs > swap_at:
             problems.append(f"min_epochs={self.min_epochs} comes after `{given}` ({swap_at} epochs): lower one of them")

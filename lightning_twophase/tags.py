@@ -26,6 +26,8 @@ __all__ = [
     "PHASE",
     "PHASE_VALUES",
     "PREFIX",
+    "RESERVED",
+    "RESERVED_COLUMNS",
     "SWAP_EPOCH",
     "SWAP_STEP",
     "SWAP_TEXT",
@@ -72,6 +74,16 @@ CG_GRADIENT_EVALUATIONS = _tag("cg/gradient_evaluations")
 CG_VALUE_EVALUATIONS = _tag("cg/value_evaluations")
 CG_RESTARTS = _tag("cg/restarts")
 CG_LINE_SEARCH_FAILURES = _tag("cg/line_search_failures")
+
+#: The scalars the callback logs itself: a rule's :class:`~lightning_twophase.Decision` may not name one of them (its
+#: value would overwrite the callback's in the logs).
+RESERVED = frozenset(
+    {LOSS, GRAD_NORM, PHASE, COMPUTE, SWAP_EPOCH, SWAP_STEP}
+    | {CG_LOSS, CG_GRAD_NORM, CG_STEP_SIZE, CG_BETA, CG_GRADIENT_EVALUATIONS, CG_VALUE_EVALUATIONS, CG_RESTARTS}
+    | {CG_LINE_SEARCH_FAILURES}
+)
+#: The columns every check of ``history`` (and ``twophase_history.csv``) has: no rule's scalar may take one over.
+RESERVED_COLUMNS = frozenset({"epoch", "step", "loss", "grad_norm", "phase", "compute"})
 
 #: The value of :data:`PHASE` for each phase.
 PHASE_VALUES = {"first": 0.0, "cg": 1.0, "fallback": 2.0}

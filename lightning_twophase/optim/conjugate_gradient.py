@@ -226,7 +226,7 @@ class ConjugateGradient(Optimizer):
         )
         super().__init__(params, defaults)
         _check_groups(self.param_groups, defaults)
-        self.sharded = sharded
+        self.sharded = check_flag("ConjugateGradient", "sharded", sharded)
         self.process_group = process_group
         self._reduce = DecisionReducer(sharded, process_group)
         self._start_point: list[Tensor] | None = None

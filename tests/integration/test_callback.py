@@ -204,8 +204,9 @@ def test_a_users_detector_decides_the_swap():
     detector = LossBelow(threshold)
     callback = ConvexitySwapCallback(detector=detector, swap_epoch=None)
     fit(TinyClassifier(), callback, max_epochs=6)
-    # Tried once on a copy before training (its own checks untouched), then asked once per check until the swap.
-    assert [epoch for _, epoch, _ in detector.checks] == [1, 2, 3]
+    # Tried once on a copy before training, then the callback's own copy is asked once per check until the swap; the
+    # instance passed is left as it was made.
+    assert [epoch for _, epoch, _ in callback.detector.checks] == [1, 2, 3] and detector.checks == []
     assert callback.swap_epoch == 3 and callback.swap_decision.reason is Reason.RULE
     assert callback.phase == Phase.CG
 
@@ -266,10 +267,11 @@ def test_a_swap_epoch_as_a_fraction_of_max_epochs_or_of_max_steps():
     fit(TinyClassifier(), by_steps, max_epochs=-1, max_steps=100)
     assert by_steps.swap_epoch == 4
     # With accumulation Lightning also steps on an epoch's incomplete last group: 8 batches in threes are 3 steps per
-    # epoch, so max_steps=9 is 3 epochs, and 70 % of them is epoch 2 (not 3, the training's end).
+    # epoch, so max_steps=30 is 10 epochs, and 70 % of them is epoch 7 (not 8, as 8 / 3 steps per epoch would give).
+    # The CG phase steps on every batch: the 9 steps left after the swap hold one whole iteration of 8 batches.
     accumulated = swap_at(0.7)
-    fit(TinyClassifier(), accumulated, max_epochs=-1, max_steps=9, accumulate_grad_batches=3)
-    assert accumulated.swap_epoch == 2
+    fit(TinyClassifier(), accumulated, max_epochs=-1, max_steps=30, accumulate_grad_batches=3)
+    assert accumulated.swap_epoch == 7
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,9 +539,7 @@ def plateau(optimizer: torch.optim.Optimizer) -> Any:
     [
         (TwoGroups(), {"optimizer": lbfgs}, {}, "second-phase optimizer cannot be built.*per-parameter options"),
         (TinyClassifier(), {"scheduler_factory": plateau}, {}, "scheduler_factory.*monitor"),
-        (TinyClassifier(), {"swap_epoch": 10, "detector": None}, {"max_epochs": 4}, "swap_epoch=10.*never"),
         (TinyClassifier(), {"swap_epoch": 0.1, "detector": None}, {"max_epochs": 4}, "rounds to no epoch"),
-        (TinyClassifier(), {"swap_epoch": 0.9, "detector": None}, {"max_epochs": 2}, "never"),
         (TinyClassifier(), {"swap_epoch": 3, "min_epochs": 5}, {"max_epochs": 10}, "min_epochs=5 comes after"),
         (
             TinyClassifier(),
@@ -551,9 +551,7 @@ def plateau(optimizer: torch.optim.Optimizer) -> Any:
     ids=[
         "lbfgs-groups",
         "plateau-without-monitor",
-        "fixed-beyond-max",
         "fraction-rounds-to-0",
-        "fraction-to-max",
         "min-epochs-after-bound",
         "window-of-unknown-length",
     ],
@@ -715,3 +713,146 @@ def test_a_crash_in_the_cg_phase_gives_the_precision_plugin_its_own_step_back():
         trainer.fit(TurnsNaN(nan_from_epoch=2))
     # The CG phase had the plugin hand it the loop's closure; after the crash the plugin steps as Lightning's does.
     assert "optimizer_step" not in vars(plugin)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 28: a detector reused over runs, a user's detector's own settings and answers, trainings of one epoch
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_one_configured_detector_serves_a_loop_over_seeds():
+    detector = PlateauDetector(window=2, min_improvement=0.2)
+    runs = []
+    for _ in range(2):  # the same run twice, as a loop over seeds would make it
+        callback = ConvexitySwapCallback(detector=detector, swap_epoch=None)
+        fit(TinyClassifier(), callback, max_epochs=12)
+        runs.append(callback)
+    first, second = runs
+    assert first.swap_epoch is not None and second.swap_epoch == first.swap_epoch
+    assert [r["loss"] for r in second.history] == pytest.approx([r["loss"] for r in first.history])
+    # Each callback works on its own copy: the instance that configured both is as it was made.
+    assert detector.points == [] and first.detector.points and first.detector is not second.detector
+
+
+def test_a_detector_that_cannot_be_copied_is_used_as_it_is_with_a_warning():
+    import threading
+
+    detector = LossBelow(0.1)
+    detector.lock = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.warns(UserWarning, match="LossBelow cannot be copied.*pass a new instance to each callback"):
+        callback = ConvexitySwapCallback(detector=detector)
+    assert callback.detector is detector
+
+
+class NormEvery(LossBelow):
+    def __init__(self, every: Any) -> None:
+        super().__init__(0.0)
+        self.norm_every_n_steps = every
+
+
+@pytest.mark.parametrize("every", [0, None, 2.5], ids=["zero", "none", "fraction"])
+def test_a_users_norm_interval_that_cannot_work_is_refused_when_the_callback_is_made(every):
+    with pytest.raises((TypeError, ValueError), match=r"NormEvery: `norm_every_n_steps` must be .*gradient norm"):
+        ConvexitySwapCallback(detector=NormEvery(every))
+
+
+class WithScalars(SwapDetector):
+    """A user's detector that logs one measure of its own with every answer."""
+
+    def __init__(self, scalars: Any) -> None:
+        self.scalars = scalars
+
+    def update(self, loss, grad_norm, *, epoch, step):  # type: ignore[override]
+        return Decision(epoch >= 2, Reason.RULE if epoch >= 2 else Reason.WAITING, f"epoch {epoch}", self.scalars)
+
+
+@pytest.mark.parametrize(
+    ("scalars", "match"),
+    [
+        ({"twophase/mine": [1.0, 2.0]}, r"scalars\['twophase/mine'\]` must be a real number, got \[1.0, 2.0\]"),
+        ({"twophase/loss": 0.5}, "may not use the name 'twophase/loss'"),
+        ({"grad_norm": 0.5}, "may not use the name 'grad_norm'"),
+        ({"twophase/cg/beta": 0.5}, "may not use the name 'twophase/cg/beta'"),
+    ],
+    ids=["list", "reserved-tag", "reserved-column", "reserved-cg-tag"],
+)
+def test_a_users_detector_answering_with_scalars_that_cannot_be_logged_is_refused_before_training(scalars, match):
+    trainer = pl.Trainer(callbacks=[ConvexitySwapCallback(detector=WithScalars(scalars))], **trainer_kwargs())
+    refused = f"WithScalars answers with a Decision that is refused.*{match}"
+    with pytest.raises(MisconfigurationException, match=refused):
+        trainer.fit(TinyClassifier())
+    assert trainer.global_step == 0
+
+
+def test_numpy_scalars_of_a_users_detector_leave_a_checkpoint_lightning_loads_by_default(tmp_path):
+    import numpy as np
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path: str | None = None) -> ConvexitySwapCallback:
+        callback = ConvexitySwapCallback(detector=WithScalars({"twophase/mine": np.float32(0.5)}), swap_epoch=None)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1)
+        kwargs = trainer_kwargs(max_epochs=4, enable_checkpointing=True)
+        pl.Trainer(callbacks=[callback, checkpoints], **kwargs).fit(TinyClassifier(), ckpt_path=ckpt_path)
+        return callback
+
+    reference = run()
+    resumed = run(str(tmp_path / "epoch=1.ckpt"))  # Lightning's own load
+    assert resumed.history == reference.history and resumed.swap_decision == reference.swap_decision
+    torch.load(tmp_path / "epoch=1.ckpt", weights_only=True)  # plain numbers only
+    assert type(reference.history[0]["mine"]) is float and reference.swap_decision.scalars == {"twophase/mine": 0.5}
+
+
+def adam_trained_to_the_end(trainer: pl.Trainer, callback: ConvexitySwapCallback) -> None:
+    assert callback.phase == Phase.FIRST and callback.swap_epoch is None and callback.swap_decision is None
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam) and trainer.global_step > 0
+
+
+@pytest.mark.parametrize(
+    ("callback_kwargs", "trainer_overrides"),
+    [
+        ({}, {"max_epochs": 1}),
+        ({"detector": None, "swap_epoch": 0.7}, {"max_epochs": 1}),
+        ({"detector": "paper"}, {"max_epochs": 1}),
+        ({}, {"max_epochs": -1, "max_steps": 5}),
+        ({"detector": None, "swap_epoch": 0.7}, {"max_epochs": -1, "max_steps": 5}),
+        ({}, {"fast_dev_run": True}),
+        ({"detector": None, "swap_epoch": 0.3}, {"fast_dev_run": True}),
+        ({"detector": None, "swap_epoch": 0}, {"max_epochs": -1, "max_steps": 5}),
+        ({"detector": None, "swap_epoch": 10}, {"max_epochs": 4}),
+        ({"detector": None, "swap_epoch": 0.9}, {"max_epochs": 2}),
+        ({"detector": AnswersWith(Decision(True, Reason.RULE, "now")), "swap_epoch": None}, {"max_epochs": 1}),
+    ],
+    ids=[
+        "bound-of-1-epoch",
+        "fixed-fraction-of-1-epoch",
+        "paper-1-epoch",
+        "bound-in-max-steps",
+        "fixed-in-max-steps",
+        "fast-dev-run",
+        "fixed-fast-dev-run",
+        "cg-from-start-in-max-steps",
+        "fixed-beyond-max",
+        "fixed-fraction-to-max",
+        "rule-at-the-last-epoch",
+    ],
+)
+def test_no_swap_that_would_leave_no_complete_second_phase_iteration(callback_kwargs, trainer_overrides):
+    callback = ConvexitySwapCallback(**callback_kwargs)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(**trainer_overrides))
+    with pytest.warns(UserWarning, match="first optimizer trains to the end") as warned:
+        trainer.fit(TinyClassifier())
+    adam_trained_to_the_end(trainer, callback)
+    assert sum("first optimizer trains to the end" in str(w.message) for w in warned) == 1  # said once
+
+
+def test_a_swap_with_an_iteration_after_it_still_comes_in_a_short_training():
+    # Two epochs: the bound at the first epoch's end leaves one whole CG iteration; checked by steps in one epoch, a
+    # rule's swap that leaves whole macro-batches swaps too.
+    callback = swap_at(1)
+    trainer = fit(TinyClassifier(), callback, max_epochs=2)
+    assert callback.swap_epoch == 1 and cg_optimizer(trainer).totals["iterations"] == 1
+    rule = ConvexitySwapCallback(
+        detector=AnswersWith(Decision(True, Reason.RULE, "now")), check_every_n_steps=4, batches_per_iteration=4
+    )
+    trainer = fit(TinyClassifier(), rule, max_epochs=1)
+    assert rule.swap_step == 4 and cg_optimizer(trainer).totals["iterations"] == 1

@@ -9,8 +9,8 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_twophase import ConvexitySwapCallback, Reason, tags
-from tests.conftest import PeakingClassifier, fit, trainer_kwargs
+from lightning_twophase import ConvexitySwapCallback, FallbackPolicy, Phase, Reason, tags
+from tests.conftest import PeakingClassifier, TinyClassifier, fit, swap_at, trainer_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,9 @@ def test_scalars_of_every_check_and_of_the_cg_steps(run):
     per_cg_step = {"step_size", "beta", "gradient_evaluations", "value_evaluations", "restarts", "line_search_failures"}
     assert {f"twophase/{name}" for name in per_check} <= tags
     assert {f"twophase/cg/{name}" for name in per_cg_step} <= tags
+    # One value per check, and the new phase at the step of the swap itself.
     phases = [event.value for event in events.Scalars("twophase/phase")]
-    assert phases == [0.0] * callback.swap_epoch + [1.0] * (10 - callback.swap_epoch)
+    assert phases == [0.0] * callback.swap_epoch + [1.0] * (10 - callback.swap_epoch + 1)
     norms = [event.value for event in events.Scalars("twophase/grad_norm")]
     assert norms == pytest.approx([record["grad_norm"] for record in callback.history])
 
@@ -87,3 +88,24 @@ def test_the_default_rules_measure_is_logged_for_its_chart(tmp_path):
     events.Reload()
     measured = [record["improvement"] for record in callback.history if "improvement" in record]
     assert measured and [event.value for event in events.Scalars(tags.IMPROVEMENT)] == pytest.approx(measured)
+
+
+def test_the_phase_jumps_at_the_step_of_the_swap_and_of_the_fallback(run, tmp_path):
+    callback, _, events, _ = run
+    swapped = [event.step for event in events.Scalars(tags.PHASE) if event.value == 1.0]
+    assert swapped[0] == callback.swap_step  # not one check later
+    # A CG phase that barely moves falls back at a check (as in test_callback's progress guard test).
+    logger = TensorBoardLogger(tmp_path, name="run")
+    fallback = swap_at(
+        3, optimizer={"lr": 1e-12, "max_evals": 1}, fallback=FallbackPolicy(progress_window=3), log_figures=False
+    )
+    with pytest.warns(UserWarning, match="falling back"):
+        fit(TinyClassifier(), fallback, max_epochs=11, logger=logger)
+    assert fallback.phase == Phase.FALLBACK
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    (text,) = events.Tensors("twophase/fallback/text_summary")
+    fell_back = [event.step for event in events.Scalars(tags.PHASE) if event.value == 2.0]
+    assert fell_back[0] == text.step
+    checks = [record["step"] for record in fallback.history if record["phase"] == "fallback"]
+    assert fell_back[0] < checks[0]  # before the first check of the fallback

@@ -204,3 +204,44 @@ def test_checked_by_steps_a_resume_in_the_cg_phase_keeps_every_check(tmp_path):
     assert resumed.history == reference.history
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 28: what a resumed run keeps of the swap's decision, and how it measures after a fallback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_the_swap_decisions_scalars_survive_resume(uninterrupted, tmp_path):
+    _, reference_trainer, directory = uninterrupted
+    reference = swap_callback(reference_trainer)
+    assert set(reference.swap_decision.scalars) == {"twophase/gn_max", "twophase/threshold"}
+    _, trainer = run(tmp_path, ckpt_path=str(directory / f"epoch={reference.swap_epoch}.ckpt"))
+    assert swap_callback(trainer).swap_decision == reference.swap_decision  # scalars included
+
+
+def test_after_a_fallback_with_the_papers_rule_a_resumed_run_measures_as_the_uninterrupted_one(tmp_path):
+    from lightning_twophase import FallbackPolicy, GradientNormPeakDetector, Phase
+
+    def fit_to_the_end(directory: Path, ckpt_path: str | None = None) -> ConvexitySwapCallback:
+        # The paper's rule reads the norm of every step; the bound swaps at 3, and CG, barely moving, falls back.
+        callback = ConvexitySwapCallback(
+            detector=GradientNormPeakDetector(patience=100),
+            swap_epoch=3,
+            optimizer={"lr": 1e-12, "max_evals": 1},
+            fallback=FallbackPolicy(progress_window=3),
+            log_figures=False,
+        )
+        checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+        trainer = pl.Trainer(
+            callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=12, enable_checkpointing=True)
+        )
+        with pytest.warns(UserWarning):
+            trainer.fit(PeakingClassifier(), ckpt_path=ckpt_path)
+        return callback
+
+    reference = fit_to_the_end(tmp_path / "uninterrupted")
+    phases = [r["phase"] for r in reference.history]
+    assert reference.phase == Phase.FALLBACK and phases.count("fallback") >= 2
+    after_fallback = phases.index("fallback") + 1  # checkpoint names count epochs from 0
+    resumed = fit_to_the_end(tmp_path / "resumed", str(tmp_path / "uninterrupted" / f"epoch={after_fallback - 1}.ckpt"))
+    assert resumed.history == reference.history

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import fractions
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from lightning_twophase import (
     ConjugateGradient,
     ConvexitySwapCallback,
+    Decision,
     FallbackPolicy,
     GradientNormPeakDetector,
     PlateauDetector,
@@ -144,3 +147,33 @@ def test_a_fallback_policy_of_ones_own_and_no_fallback():
 
 def test_reason_codes_are_strings_for_logs_and_configs():
     assert Reason.PLATEAU == "plateau" and Reason("swap_epoch") is Reason.SWAP_EPOCH
+
+
+@pytest.mark.parametrize(
+    "value",
+    [np.float32(0.5), np.float64(0.5), fractions.Fraction(1, 2)],
+    ids=["float32", "float64", "fraction"],
+)
+def test_any_real_number_type_is_taken_and_made_a_python_number(value):
+    callback = ConvexitySwapCallback(swap_epoch=value, detector=PlateauDetector(window=value * 0.4))
+    assert ConvexitySwapCallback(detector=None, swap_epoch=value) is not None
+    assert type(callback.detector.window) is float and callback.detector.window == pytest.approx(0.2)
+    assert type(check_epoch("X", "e", value)) is float and check_epoch("X", "e", value * 60) == 30
+    assert type(check_number("X", "r", value, 0.0, 1.0)) is float
+    assert type(check_count("X", "n", value * 6)) is int and check_count("X", "n", np.int64(3)) == 3
+    assert type(PlateauDetector(min_improvement=value).min_improvement) is float
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: ConjugateGradient([torch.zeros(1, requires_grad=True)], sharded="no"), TypeError, "`sharded`"),
+        (lambda: ConvexitySwapCallback(optimizer={"sharded": "no"}), ValueError, "`sharded` must be True or False"),
+        (lambda: Decision(False, Reason.WAITING, "", [1, 2]), TypeError, "`scalars` must be a mapping"),
+        (lambda: Decision(False, Reason.WAITING, None), TypeError, "`message` must be a string"),
+    ],
+    ids=["cg-sharded", "callback-sharded", "decision-scalars", "decision-message"],
+)
+def test_flags_scalars_and_messages_of_a_wrong_type_are_refused(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

@@ -281,3 +281,36 @@ def test_a_decision_refuses_anything_but_a_bool(act):
         Decision(act, Reason.RULE)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"`reason` must be a lightning_twophase\.Reason"):
         Decision(True, "rule")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"scalars": [1, 2]}, TypeError, r"`scalars` must be a mapping of tag to number.*got \[1, 2\] of type list"),
+        ({"scalars": {"twophase/m": [1, 2]}}, TypeError, r"`scalars\['twophase/m'\]` must be a real number"),
+        ({"scalars": {"twophase/m": "0.5"}}, TypeError, "must be a real number"),
+        ({"scalars": {"twophase/m": True}}, TypeError, "must be a real number"),
+        ({"scalars": {3: 0.5}}, TypeError, "names in `scalars` must be strings"),
+        ({"scalars": {tags.LOSS: 0.5}}, ValueError, "may not use the name 'twophase/loss'"),
+        ({"scalars": {tags.PHASE: 0.5}}, ValueError, "may not use the name 'twophase/phase'"),
+        ({"scalars": {"epoch": 3}}, ValueError, "may not use the name 'epoch'"),
+        ({"message": None}, TypeError, "`message` must be a string"),
+    ],
+    ids=["list", "list-value", "string-value", "bool-value", "int-key", "loss", "phase", "epoch-column", "no-message"],
+)
+def test_a_decision_refuses_what_cannot_be_logged_or_read(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Decision(False, Reason.WAITING, **kwargs)
+
+
+def test_a_decisions_scalars_are_plain_floats_and_may_be_non_finite():
+    import fractions
+
+    import numpy as np
+
+    decision = Decision(
+        True, Reason.RULE, "", {"twophase/a": np.float32(0.5), "twophase/b": fractions.Fraction(1, 4), tags.GN_MAX: 2}
+    )
+    assert decision.scalars == {"twophase/a": 0.5, "twophase/b": 0.25, tags.GN_MAX: 2.0}
+    assert all(type(value) is float for value in decision.scalars.values())
+    assert math.isnan(Decision(False, Reason.WAITING, "", {"twophase/a": math.nan}).scalars["twophase/a"])

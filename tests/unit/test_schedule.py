@@ -54,14 +54,6 @@ def test_a_users_rule_gets_min_epochs_for_free_and_the_bound_is_a_latest_swap():
     [
         (None, 0.3, 0, None, "fraction of the training's length, but it is unknown"),
         (None, 0.01, 0, 10, "rounds to no epoch of the first optimizer"),
-        (None, 10, 0, 10, "not below the training's 10 epochs: the swap would never happen; pass a smaller epoch"),
-        (
-            None,
-            0.95,
-            0,
-            10,
-            "`swap_epoch=0.95` (10 epochs) is not below the training's 10 epochs: the swap would never happen",
-        ),
         (Always(), 3, 5, 10, "min_epochs=5 comes after"),
         (PlateauDetector(window=0.2), None, 0, None, "pass the window as a number of epochs"),
     ],
@@ -69,6 +61,21 @@ def test_a_users_rule_gets_min_epochs_for_free_and_the_bound_is_a_latest_swap():
 def test_bounds_that_cannot_work_are_named_before_training(detector, swap_epoch, min_epochs, epochs, match):
     problems = SwapSchedule(detector, swap_epoch, min_epochs).setup(epochs)
     assert any(match in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("swap_epoch", "epochs", "match"),
+    [
+        (10, 10, "`swap_epoch=10` is not below the training's 10 epoch(s): no second-phase iteration could follow"),
+        (0.95, 10, "`swap_epoch=0.95` (epoch 10) is not below the training's 10 epoch(s)"),
+        (0.3, 1, "`swap_epoch=0.3` (epoch 1) is not below the training's 1 epoch(s)"),  # fast_dev_run
+    ],
+)
+def test_a_fixed_swap_at_or_beyond_the_trainings_end_is_no_problem_but_a_note(swap_epoch, epochs, match):
+    schedule = SwapSchedule(None, swap_epoch, 0)
+    assert schedule.setup(epochs) == [] and match in schedule.note
+    assert "the first optimizer trains to the end" in schedule.note
+    assert SwapSchedule(None, 0.7, 0).setup(10) == [] and SwapSchedule(None, 0.7, 0).note is None
 
 
 def test_a_bound_beyond_training_is_harmless_with_a_rule_and_none_means_the_rule_alone():
