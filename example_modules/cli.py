@@ -25,10 +25,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from example_modules.classifier import ImageClassifier
 from example_modules.comparison import (
     Measurement,
+    ModelAtEpoch,
     NeverSwaps,
     Snapshot,
     TrainingSetMonitor,
     comparison_table,
+    full_batch_lbfgs,
     loss_vs_compute_figure,
     measure,
     passes,
@@ -119,6 +121,7 @@ class TwoPhaseCLI(LightningCLI):
         counter = ConvexitySwapCallback(detect_only=True, detector=NeverSwaps(), swap_epoch=None, log_figures=False)
         equal_compute = max(epochs, math.ceil(spent - 1e-9))
         monitor = TrainingSetMonitor({epochs, equal_compute}, counter)
+        adam_part = ModelAtEpoch(max(1, round(0.3 * epochs)), counter)  # where the practice swaps to L-BFGS
         logger: Any = False
         if isinstance(trainer.logger, TensorBoardLogger):
             logger = TensorBoardLogger(trainer.logger.save_dir, name=f"{trainer.logger.name}-adam-alone")
@@ -126,10 +129,17 @@ class TwoPhaseCLI(LightningCLI):
             f"compare: the two-phase run spent {spent:.0f} gradient passes in {epochs} epochs; training the first "
             f"optimizer alone from the same initial weights and batch order for {equal_compute} epochs"
         )
-        self.instantiate_trainer(max_epochs=equal_compute, callbacks=[counter, monitor], logger=logger).fit(
+        self.instantiate_trainer(max_epochs=equal_compute, callbacks=[counter, monitor, adam_part], logger=logger).fit(
             first_only, datamodule=datamodule
         )
-        rank_zero_info(comparison_table(two_phase, monitor.measurements[epochs], monitor.measurements[equal_compute]))
+        rank_zero_info(
+            f"compare: Adam's model at epoch {adam_part.epoch}, then torch's L-BFGS on the whole training set as a "
+            f"plain loop, one step (up to 20 iterations) per epoch to epoch {epochs}"
+        )
+        practice, _ = full_batch_lbfgs(adam_part, datamodule, epochs)
+        rank_zero_info(
+            comparison_table(two_phase, monitor.measurements[epochs], monitor.measurements[equal_compute], practice)
+        )
         if trainer.log_dir is not None:
             path = Path(trainer.log_dir) / "loss_vs_compute.png"
             if loss_vs_compute_figure(swap.history, counter.history, len(datamodule.train_data[1]), path):

@@ -27,7 +27,16 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_twophase import ConvexitySwapCallback, Decision, Reason, SwapDetector
 
-__all__ = ["Measurement", "NeverSwaps", "TrainingSetMonitor", "comparison_table", "loss_vs_compute_figure", "snapshot"]
+__all__ = [
+    "Measurement",
+    "ModelAtEpoch",
+    "NeverSwaps",
+    "TrainingSetMonitor",
+    "comparison_table",
+    "full_batch_lbfgs",
+    "loss_vs_compute_figure",
+    "snapshot",
+]
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,57 @@ class TrainingSetMonitor(Callback):
         )
 
 
+class ModelAtEpoch(Callback):
+    """Keep a copy of the model at the end of epoch ``epoch`` (counted from 1), with the compute spent so far."""
+
+    def __init__(self, epoch: int, counter: ConvexitySwapCallback) -> None:
+        self.epoch = epoch
+        self.counter = counter
+        self.model: pl.LightningModule | None = None
+        self.passes = 0.0
+        self.seconds = 0.0
+        self._began = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._began = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 == self.epoch:
+            self.model = copy.deepcopy(pl_module)
+            self.passes = passes(self.counter, trainer.datamodule)
+            self.seconds = time.perf_counter() - self._began
+
+
+def full_batch_lbfgs(
+    start: ModelAtEpoch, datamodule: Any, epochs: int, history_size: int = 50
+) -> tuple[Measurement, pl.LightningModule]:
+    """What practitioners do after Adam: torch's L-BFGS on the whole training set, as a plain loop.
+
+    From ``start`` (Adam's model at its epoch), one ``torch.optim.LBFGS.step`` (strong Wolfe, torch's ``max_iter=20``)
+    per remaining epoch up to ``epochs``, on the training set as one batch; its gradient passes are its closure calls.
+    """
+    assert start.model is not None
+    model = copy.deepcopy(start.model)
+    images, labels = (tensor.to(model.device) for tensor in datamodule.train_data)
+    optimizer = torch.optim.LBFGS(model.parameters(), line_search_fn="strong_wolfe", history_size=history_size)
+    calls = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        optimizer.zero_grad()
+        loss = model.compute_loss(model(images), labels)
+        loss.backward()
+        return loss
+
+    model.train()
+    began = time.perf_counter()
+    for _ in range(epochs - start.epoch):
+        optimizer.step(closure)
+    seconds = start.seconds + time.perf_counter() - began
+    return Measurement(epochs, start.passes + calls, *measure(model, datamodule), seconds), model
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """What a second run needs to start where the first one did: the initial model and every random state."""
@@ -141,27 +201,37 @@ def snapshot(model: pl.LightningModule, datamodule: pl.LightningDataModule) -> S
     )
 
 
-def comparison_table(two_phase: Measurement, equal_epochs: Measurement, equal_compute: Measurement) -> str:
-    """The two-phase run beside the first optimizer alone at equal epochs and at equal compute, as text.
+def comparison_table(
+    two_phase: Measurement, equal_epochs: Measurement, equal_compute: Measurement, practice: Measurement | None = None
+) -> str:
+    """The two-phase run beside the first optimizer alone at equal epochs and at equal compute (and beside Adam, then
+    torch's L-BFGS on the whole training set, the ``practice``), as text.
 
     "Equal compute" is the better of Adam at the run's epochs and Adam after as many gradient passes as the run spent
     (constant-rate Adam is not monotone), so the two-phase run is never credited with a bump of Adam's loss.
     """
     reference = min(equal_epochs, equal_compute, key=lambda m: m.train_loss)
+    runs = [two_phase, equal_epochs, equal_compute] + ([practice] if practice is not None else [])
+    header = ("", "two-phase", "Adam, same epochs", "Adam, same compute", "Adam 30 % -> L-BFGS")
     rows = [
-        ("", "two-phase", "Adam, same epochs", "Adam, same compute"),
-        ("epochs", *(str(m.epochs) for m in (two_phase, equal_epochs, equal_compute))),
-        ("gradient passes", *(f"{m.passes:.0f}" for m in (two_phase, equal_epochs, equal_compute))),
-        ("training loss", *(f"{m.train_loss:.3e}" for m in (two_phase, equal_epochs, equal_compute))),
-        ("validation accuracy", *(f"{100 * m.val_accuracy:.2f} %" for m in (two_phase, equal_epochs, equal_compute))),
-        ("wall time", *(f"{m.seconds:.0f} s" for m in (two_phase, equal_epochs, equal_compute))),
+        header[: len(runs) + 1],
+        ("epochs", *(str(m.epochs) for m in runs)),
+        ("gradient passes", *(f"{m.passes:.0f}" for m in runs)),
+        ("training loss", *(f"{m.train_loss:.3e}" for m in runs)),
+        ("validation accuracy", *(f"{100 * m.val_accuracy:.2f} %" for m in runs)),
+        ("wall time", *(f"{m.seconds:.0f} s" for m in runs)),
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.append(
         f"training loss, Adam's over the two-phase run's: {_ratio(equal_epochs, two_phase):.2f}x at equal epochs, "
         f"{_ratio(reference, two_phase):.2f}x at equal compute (> 1: the two-phase run ends lower)"
     )
+    if practice is not None:
+        lines.append(
+            f"training loss, Adam 30 % -> L-BFGS's over the two-phase run's: {_ratio(practice, two_phase):.2f}x at "
+            "equal epochs"
+        )
     return "\n".join(lines)
 
 
