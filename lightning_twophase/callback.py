@@ -161,7 +161,8 @@ class ConvexitySwapCallback(Callback):
 
     @property
     def phase(self) -> Phase:
-        """``FIRST`` before the swap, ``CG`` after it, ``FALLBACK`` after a fallback (``phase == "cg"`` works)."""
+        """``FIRST`` before the swap, ``SECOND`` after it, ``FALLBACK`` after a fallback (``phase == "second"``
+        works)."""
         return self._phase
 
     @property
@@ -351,8 +352,11 @@ class ConvexitySwapCallback(Callback):
             return
         first_name = type(trainer.optimizers[0]).__name__
         self._cg = CGPhase(trainer, pl_module, self._config, self._record, self._seed)  # may refuse: announce after
-        announce_swap(trainer, self._record, decision, epoch, swapped=True, first_name=first_name)
-        self._enter(Phase.CG, trainer)
+        second_name = type(self._cg.optimizer).__name__
+        announce_swap(
+            trainer, self._record, decision, epoch, swapped=True, first_name=first_name, second_name=second_name
+        )
+        self._enter(Phase.SECOND, trainer)
 
     def _fall_back(self, trainer: pl.Trainer, decision: Decision, epoch: int) -> None:
         assert self._cg is not None
@@ -407,7 +411,7 @@ class ConvexitySwapCallback(Callback):
 
     def _restore_phase(self, state: dict[str, Any], trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._phase = Phase(state["phase"])
-        if self._phase is not Phase.CG:
+        if self._phase is not Phase.SECOND:
             # Measured as the uninterrupted run does: after a fallback, a sample of the norm for the logs.
             every = FALLBACK_NORM_EVERY_N_STEPS if self._phase is Phase.FALLBACK else self._schedule.norm_every_n_steps
             self._first = FirstPhase(self._record, every)

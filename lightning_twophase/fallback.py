@@ -4,7 +4,7 @@ The paper's "safe resort": conjugate gradient assumes a convex neighbourhood, an
 phase stops making progress. :class:`FallbackPolicy` is fed what each CG iteration did and the loss of each check,
 and answers with a :class:`~lightning_twophase.Decision`, as the detectors do.
 
-Beyond failure, it guards progress at equal compute: the CG phase must not fall far behind where the first optimizer
+Beyond failure, an optional guard (``progress_window``, off by default) judges progress at equal compute: the CG phase must not fall far behind where the first optimizer
 would have been had it gone on. That projection is the first optimizer's own curve continued: a gradient method's
 loss past its fast start falls roughly as a power of the compute spent, ``L(c) ~ c^(-alpha)``, with ``alpha`` read
 off the first phase's second half. CG's progress comes in bursts (a plateau, then a drop as training images are
@@ -36,9 +36,13 @@ class FallbackPolicy:
             never for this reason).
         loss_rtol: how far, relative to the earlier loss, the loss must rise to count for ``loss_window``. A CG phase
             that has converged repeats its loss up to rounding, which must not count as a rise.
-        progress_window: the progress guard judges every this many CG checks (``None`` turns it off): it falls back
-            if the CG phase's decrease of ``ln loss`` since the swap is less than ``progress_margin`` times the
-            first optimizer's projected decrease over the same compute (see the module's docstring).
+        progress_window: the progress guard judges every this many second-phase checks (``None``, the default, turns
+            it off): it falls back if the second phase's decrease of ``ln loss`` since the swap is less than
+            ``progress_margin`` times the first optimizer's projected decrease over the same compute (see the module's
+            docstring). Off by default since version 0.4: with L-BFGS as the second phase it could only end phases
+            that pay (CG's and L-BFGS's progress comes in bursts the projection does not foresee; measured in
+            ``docs/benchmarks.md``), while a second phase that fails or makes the loss rise is caught by the other
+            two rules.
         progress_margin: the fraction of the first optimizer's projected progress the CG phase must reach.
 
     Example::
@@ -52,7 +56,7 @@ class FallbackPolicy:
         after_failures: int = 3,
         loss_window: int | None = 5,
         loss_rtol: float = 1e-3,
-        progress_window: int | None = 30,
+        progress_window: int | None = None,
         progress_margin: float = 0.25,
     ) -> None:
         owner = "FallbackPolicy"

@@ -91,8 +91,8 @@ def norm_vs_loss_figure(
     points = [(r["loss"], r["grad_norm"], r["phase"]) for r in history]
     figure = Figure(figsize=(6.4, 4.8), dpi=100)
     axes = figure.add_subplot(1, 1, 1)
-    colors = {"first": "tab:blue", "cg": "tab:orange", "fallback": "tab:green"}
-    labels = {"first": "first phase (Adam)", "cg": "conjugate gradient", "fallback": "fallback"}
+    colors = {"first": "tab:blue", "second": "tab:orange", "fallback": "tab:green"}
+    labels = {"first": "first phase (Adam)", "second": "second phase", "fallback": "fallback"}
     positive = [(x, y, phase) for x, y, phase in points if x > 0 and y > 0 and math.isfinite(x) and math.isfinite(y)]
     if positive:
         axes.plot([x for x, _, _ in positive], [y for _, y, _ in positive], color="0.75", linewidth=0.8, zorder=1)

@@ -88,12 +88,16 @@ SECOND_PHASES: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
 
 
 class Phase(str, Enum):
-    """Which optimizer trains: the first one, conjugate gradient after the swap, or the first one again after a
-    fallback (for the rest of the fit)."""
+    """Which optimizer trains: the first one, the second phase's after the swap (L-BFGS by default), or the first one
+    again after a fallback (for the rest of the fit)."""
 
     FIRST = "first"
-    CG = "cg"
+    SECOND = "second"
     FALLBACK = "fallback"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Phase | None:
+        return cls.SECOND if value == "cg" else None  # the second phase's name in checkpoints of version 0.3
 
     def __str__(self) -> str:
         return self.value

@@ -94,11 +94,17 @@ class RunRecord:
 
 
 def announce_swap(
-    trainer: pl.Trainer, record: RunRecord, decision: Decision, epoch: int, swapped: bool, first_name: str = ""
+    trainer: pl.Trainer,
+    record: RunRecord,
+    decision: Decision,
+    epoch: int,
+    swapped: bool,
+    first_name: str = "",
+    second_name: str = "the second phase",
 ) -> None:
     """Record the swap (or, detecting only, the swap point) and say it: the console, every logger, TensorBoard's text
     tab and ``trainer.callback_metrics``. ``first_name``: the first optimizer's class, when it is no longer the
-    Trainer's."""
+    Trainer's; ``second_name``: the second phase's optimizer class."""
     step = trainer.global_step
     record.swap_epoch, record.swap_step, record.swap_decision = epoch, step, decision
     record.swap_check = len(record.history) - 1 if record.history else None
@@ -107,7 +113,7 @@ def announce_swap(
     first_name = first_name or type(trainer.optimizers[0]).__name__
     if swapped:
         message = (
-            f"ConvexitySwapCallback: swapped {first_name} -> conjugate gradient at epoch {epoch}, step {step}: "
+            f"ConvexitySwapCallback: swapped {first_name} -> {second_name} at epoch {epoch}, step {step}: "
             f"{decision.message}."
         )
     else:

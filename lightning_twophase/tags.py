@@ -66,14 +66,14 @@ SWAP_TEXT = _tag("swap")
 FALLBACK_TEXT = _tag("fallback")
 NORM_VS_LOSS_FIGURE = _tag("norm_vs_loss")
 # Every CG iteration.
-CG_LOSS = _tag("cg/loss")
-CG_GRAD_NORM = _tag("cg/grad_norm")
-CG_STEP_SIZE = _tag("cg/step_size")
-CG_BETA = _tag("cg/beta")
-CG_GRADIENT_EVALUATIONS = _tag("cg/gradient_evaluations")
-CG_VALUE_EVALUATIONS = _tag("cg/value_evaluations")
-CG_RESTARTS = _tag("cg/restarts")
-CG_LINE_SEARCH_FAILURES = _tag("cg/line_search_failures")
+CG_LOSS = _tag("second/loss")
+CG_GRAD_NORM = _tag("second/grad_norm")
+CG_STEP_SIZE = _tag("second/step_size")
+CG_BETA = _tag("second/beta")
+CG_GRADIENT_EVALUATIONS = _tag("second/gradient_evaluations")
+CG_VALUE_EVALUATIONS = _tag("second/value_evaluations")
+CG_RESTARTS = _tag("second/restarts")
+CG_LINE_SEARCH_FAILURES = _tag("second/line_search_failures")
 
 #: The scalars the callback logs itself: a rule's :class:`~lightning_twophase.Decision` may not name one of them (its
 #: value would overwrite the callback's in the logs).
@@ -86,7 +86,7 @@ RESERVED = frozenset(
 RESERVED_COLUMNS = frozenset({"epoch", "step", "loss", "grad_norm", "phase", "compute"})
 
 #: The value of :data:`PHASE` for each phase.
-PHASE_VALUES = {"first": 0.0, "cg": 1.0, "fallback": 2.0}
+PHASE_VALUES = {"first": 0.0, "second": 1.0, "fallback": 2.0}
 
 #: TensorBoard's Custom Scalars tab.
 CUSTOM_SCALARS_LAYOUT = {
@@ -94,10 +94,10 @@ CUSTOM_SCALARS_LAYOUT = {
         "gradient norm and loss": ["Multiline", [GRAD_NORM, LOSS]],
         "paper's rule: norm, peak and threshold": ["Multiline", [GRAD_NORM, GN_MAX, THRESHOLD]],
         "plateau rule: improvement of the best loss over its window": ["Multiline", [IMPROVEMENT]],
-        "phase (0 first, 1 CG, 2 fallback)": ["Multiline", [PHASE]],
+        "phase (0 first, 1 second, 2 fallback)": ["Multiline", [PHASE]],
         "compute (samples forward + 2 x backward)": ["Multiline", [COMPUTE]],
     },
-    "conjugate gradient": {
+    "second phase": {
         "step size and beta": ["Multiline", [CG_STEP_SIZE, CG_BETA]],
         "evaluations per iteration": ["Multiline", [CG_GRADIENT_EVALUATIONS, CG_VALUE_EVALUATIONS]],
         "restarts and line-search failures": ["Multiline", [CG_RESTARTS, CG_LINE_SEARCH_FAILURES]],

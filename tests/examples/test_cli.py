@@ -103,7 +103,7 @@ def test_quick_job_trains_swaps_reports_and_compares_with_adam_alone(tmp_path, c
         two_phase = list(csv.DictReader(handle))
     with open(adam_csv) as handle:
         adam = list(csv.DictReader(handle))
-    assert [r["phase"] for r in two_phase] == ["first"] * 3 + ["cg"] * 3 and len(adam) == equal_compute
+    assert [r["phase"] for r in two_phase] == ["first"] * 3 + ["second"] * 3 and len(adam) == equal_compute
     assert [r["loss"] for r in two_phase[:3]] == [r["loss"] for r in adam[:3]]
     png = log_dir / "loss_vs_compute.png"
     assert f"loss against compute, both runs: {png}" in text

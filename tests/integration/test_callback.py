@@ -62,13 +62,13 @@ def test_swap_installs_conjugate_gradient_and_it_is_the_one_that_steps():
     callback = swap_at(2)
     trainer = fit(CountingClassifier(), callback, max_epochs=5)
     batches = trainer.num_training_batches
-    assert (callback.phase, callback.swap_epoch, callback.swap_step) == (Phase.CG, 2, 2 * batches)
+    assert (callback.phase, callback.swap_epoch, callback.swap_step) == (Phase.SECOND, 2, 2 * batches)
     assert callback.swap_decision.reason is Reason.SWAP_EPOCH
     assert CountingAdam.steps == 2 * batches  # Adam stopped stepping at the swap
     assert cg_optimizer(trainer).totals["iterations"] == 3  # one full-batch CG iteration per remaining epoch
     assert cg_optimizer(trainer).preconditioner is not None  # Adam's second moments, by default
     assert trainer.global_step == 5 * batches  # the training loop still counts every mini-batch
-    cg_losses = [r["loss"] for r in callback.history if r["phase"] == "cg"]
+    cg_losses = [r["loss"] for r in callback.history if r["phase"] == "second"]
     assert cg_losses == sorted(cg_losses, reverse=True)  # full-batch CG never increases the training loss
 
 
@@ -163,7 +163,7 @@ def test_checked_by_steps_the_bound_swaps_at_its_epochs_end_and_every_cg_iterati
     callback = swap_at(2, check_every_n_steps=3)
     trainer = fit(TinyClassifier(), callback, max_epochs=5)
     assert (callback.swap_epoch, callback.swap_step) == (2, 16)
-    cg_checks = [(r["epoch"], r["step"]) for r in callback.history if r["phase"] == "cg"]
+    cg_checks = [(r["epoch"], r["step"]) for r in callback.history if r["phase"] == "second"]
     assert cg_checks == [(3, 24), (4, 32), (5, 40)]  # one per CG iteration, at its epoch's end
     assert cg_optimizer(trainer).totals["iterations"] == 3
 
@@ -174,7 +174,7 @@ def test_swap_epoch_zero_runs_conjugate_gradient_from_the_start():
     trainer = fit(CountingClassifier(), callback, max_epochs=3)
     assert (callback.swap_epoch, callback.swap_step, CountingAdam.steps) == (0, 0, 0)
     assert cg_optimizer(trainer).totals["iterations"] == 3
-    assert [record["phase"] for record in callback.history] == ["cg"] * 3
+    assert [record["phase"] for record in callback.history] == ["second"] * 3
 
 
 class LossBelow(SwapDetector):
@@ -208,7 +208,7 @@ def test_a_users_detector_decides_the_swap():
     # instance passed is left as it was made.
     assert [epoch for _, epoch, _ in callback.detector.checks] == [1, 2, 3] and detector.checks == []
     assert callback.swap_epoch == 3 and callback.swap_decision.reason is Reason.RULE
-    assert callback.phase == Phase.CG
+    assert callback.phase == Phase.SECOND
 
 
 class WrongSignature(SwapDetector):
@@ -411,7 +411,7 @@ def test_trial_evaluations_do_not_pollute_logs_or_metrics():
     # Line searches ran training_step many more times, but neither the metric nor self.log saw them.
     assert cg_optimizer(trainer).totals["value_evaluations"] > 3
     assert model.updates_per_epoch == [batches] * 4
-    cg_checks = [r for r in callback.history if r["phase"] == "cg"]
+    cg_checks = [r for r in callback.history if r["phase"] == "second"]
     # The logged epoch mean equals the CG iteration's start loss: the same batches at the same point.
     for logged, check in zip(recorder.losses[1:], cg_checks):
         assert logged == pytest.approx(check["loss"], rel=1e-5)
@@ -488,7 +488,7 @@ def test_non_finite_loss_in_the_cg_phase_stops_with_weights_intact():
     trainer.callbacks.append(Snapshot())
     with pytest.raises(FloatingPointError, match="not finite on batches"):
         trainer.fit(model)
-    assert callback.phase == Phase.CG and callback.fallback_decision is None
+    assert callback.phase == Phase.SECOND and callback.fallback_decision is None
     # The CG step refused to move from its non-finite start: the weights are those the epoch began with.
     for name, value in model.state_dict().items():
         assert torch.isfinite(value).all() and torch.equal(value, before[name]), name
@@ -645,7 +645,7 @@ def test_on_a_quadratic_the_default_cg_phase_is_far_ahead_of_adam_and_the_guard_
     fit(RealizableRegression(), callback, max_epochs=10, precision="64-true")
     adam = RealizableRegression()
     fit(adam, max_epochs=10, precision="64-true")
-    assert callback.swap_epoch <= 7 and callback.phase == Phase.CG
+    assert callback.swap_epoch <= 7 and callback.phase == Phase.SECOND
     full = (adam.inputs, adam.targets)
     adam_loss = float(nn.functional.mse_loss(adam.net(full[0]), full[1]))
     assert callback.history[-1]["loss"] < 0.2 * adam_loss  # 0.28 against 2.9
@@ -670,7 +670,7 @@ def test_the_progress_guard_returns_to_the_first_optimizer_when_cg_falls_far_beh
     # Judged every 3 checks: at the third the first CG iteration's drop (its exact loss at the end of Adam's last
     # epoch, against that epoch's mean) is still a quarter of the projection, at the sixth no longer. The swap is made
     # once: after the fallback the first optimizer trains to the end.
-    assert [r["phase"] for r in callback.history] == ["first"] * 3 + ["cg"] * 6 + ["fallback"] * 3
+    assert [r["phase"] for r in callback.history] == ["first"] * 3 + ["second"] * 6 + ["fallback"] * 3
 
 
 @pytest.mark.parametrize("same_trainer", [False, True], ids=["new-trainer", "same-trainer"])
@@ -678,7 +678,7 @@ def test_a_second_fit_with_the_same_callback_goes_on_in_the_phase_it_reports(sam
     callback = swap_at(1)
     model = TinyClassifier()
     trainer = fit(model, callback, max_epochs=2)
-    assert callback.phase == Phase.CG and len(callback.history) == 2
+    assert callback.phase == Phase.SECOND and len(callback.history) == 2
     iterations = cg_optimizer(trainer).totals["iterations"]
     if same_trainer:
         trainer.fit_loop.max_epochs = 4
@@ -687,8 +687,8 @@ def test_a_second_fit_with_the_same_callback_goes_on_in_the_phase_it_reports(sam
         trainer = fit(model, callback, max_epochs=2)
     # Conjugate gradient trains the second fit, its state carried over; phase, checks and compute go on.
     assert cg_optimizer(trainer).totals["iterations"] == iterations + 2
-    assert callback.phase == Phase.CG and float(trainer.callback_metrics["twophase/phase"]) == 1.0
-    assert [r["phase"] for r in callback.history] == ["first", "cg", "cg", "cg"]
+    assert callback.phase == Phase.SECOND and float(trainer.callback_metrics["twophase/phase"]) == 1.0
+    assert [r["phase"] for r in callback.history] == ["first", "second", "second", "second"]
     computes = [r["compute"] for r in callback.history]
     assert computes == sorted(computes) and computes[-1] > computes[1]
     # The first optimizer of the new fit holds the old one's state, for a fallback.
@@ -772,7 +772,7 @@ class WithScalars(SwapDetector):
         ({"twophase/mine": [1.0, 2.0]}, r"scalars\['twophase/mine'\]` must be a real number, got \[1.0, 2.0\]"),
         ({"twophase/loss": 0.5}, "may not use the name 'twophase/loss'"),
         ({"grad_norm": 0.5}, "may not use the name 'grad_norm'"),
-        ({"twophase/cg/beta": 0.5}, "may not use the name 'twophase/cg/beta'"),
+        ({"twophase/second/beta": 0.5}, "may not use the name 'twophase/second/beta'"),
     ],
     ids=["list", "reserved-tag", "reserved-column", "reserved-cg-tag"],
 )

@@ -117,7 +117,7 @@ class DriftingLogisticRegression(LogisticRegression):
 @pytest.mark.parametrize(
     ("drift", "phase"),
     [
-        (1e-9, "cg"),  # below float32 rounding of this loss: a converged CG phase must carry on
+        (1e-9, "second"),  # below float32 rounding of this loss: a converged CG phase must carry on
         (1e-2, "fallback"),  # a real, sustained rise
     ],
 )
@@ -131,7 +131,7 @@ def test_only_a_real_rise_of_the_loss_sends_the_cg_phase_back_to_the_first_optim
     else:
         trainer.fit(DriftingLogisticRegression(drift))
     assert callback.phase == phase
-    if phase == "cg":
+    if phase == "second":
         assert callback.fallback_decision is None
         assert isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
     else:
@@ -367,7 +367,7 @@ def test_an_epoch_cut_short_by_on_train_batch_start_still_steps_on_its_batches()
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
     trainer.fit(model)
     assert trainer.optimizers[0].optimizer.totals["iterations"] == 2
-    assert callback.swap_epoch == 1 and [r["phase"] for r in callback.history] == ["first", "cg", "cg"]
+    assert callback.swap_epoch == 1 and [r["phase"] for r in callback.history] == ["first", "second", "second"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -634,8 +634,8 @@ def test_the_default_callback_swaps_and_runs_the_cg_phase_on_models_that_do_more
     # The default rule (the plateau detector) watches the first phase; swap_epoch=4 bounds it: two CG epochs.
     callback = ConvexitySwapCallback(swap_epoch=4, **kwargs)
     fit(model(), callback, max_epochs=6)
-    assert callback.swap_epoch == 4 and callback.phase == "cg"
-    cg_checks = [record for record in callback.history if record["phase"] == "cg"]
+    assert callback.swap_epoch == 4 and callback.phase == "second"
+    cg_checks = [record for record in callback.history if record["phase"] == "second"]
     assert len(cg_checks) == 2 and all(math.isfinite(record["loss"]) for record in cg_checks)
 
 
@@ -644,7 +644,7 @@ def test_a_carried_rnn_state_evaluates_batch_by_batch_with_the_loops_numbers():
     model = CarriedGRU()
     callback = swap_at(1, optimizer=spy_factory)
     fit(model, callback, max_epochs=3)
-    assert callback.phase == "cg"
+    assert callback.phase == "second"
     # The one chunk failed (a hidden state for 32 sequences, a chunk of 128): batch by batch, decided once.
     assert callback.state_dict()["trial_batching"] == "batches"
     assert len(SpyConjugateGradient.records) == 2
@@ -660,7 +660,7 @@ def test_reentrant_checkpointing_in_the_cg_phase_gets_the_numbers_of_the_non_ree
         callback = swap_at(1, optimizer={"line_search": "strong_wolfe"})
         pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
         results.append((weights(model), callback.history))
-        assert callback.phase == "cg"
+        assert callback.phase == "second"
     (reentrant, history), (plain, plain_history) = results
     assert [r["loss"] for r in history] == pytest.approx([r["loss"] for r in plain_history], rel=1e-6)
     for a, b in zip(reentrant, plain):
@@ -674,7 +674,7 @@ def test_nested_module_state_changed_at_trial_points_is_put_back():
         model = KeepsNestedState(guarded)
         callback = swap_at(1)
         fit(model, callback, max_epochs=epochs)
-        assert callback.phase == "cg"
+        assert callback.phase == "second"
         results.append((weights(model), model.state()))
     (unguarded, state), (guarded, guarded_state) = results
     # Without being told, the run is the one of a model that skips its changes at trial points.
@@ -691,9 +691,9 @@ def test_an_optimizer_factorys_steps_are_checked_and_fall_back_on_a_rising_loss(
     with pytest.warns(UserWarning, match="the training loss rose over 5 CG checks"):
         trainer.fit(DriftingLogisticRegression(1e-2))
     phases = [record["phase"] for record in callback.history]
-    assert phases[0] == "first" and phases.count("cg") > 5 and callback.phase == "fallback"
+    assert phases[0] == "first" and phases.count("second") > 5 and callback.phase == "fallback"
     assert callback.fallback_decision.reason is Reason.LOSS_ROSE
-    cg = [record for record in callback.history if record["phase"] == "cg"]
+    cg = [record for record in callback.history if record["phase"] == "second"]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in cg)
     assert [r["compute"] for r in cg] == sorted(r["compute"] for r in cg) and cg[0]["compute"] > 0
     assert isinstance(trainer.optimizers[0], torch.optim.Adam)

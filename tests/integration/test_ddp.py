@@ -146,7 +146,7 @@ def _fit_plateau_rank(rank: int, world_size: int, policy: FallbackPolicy) -> dic
     }
 
 
-@pytest.mark.parametrize(("margin", "phase"), [(0.25, "cg"), (0.99, "fallback")], ids=["cg-ahead", "cg-behind"])
+@pytest.mark.parametrize(("margin", "phase"), [(0.25, "second"), (0.99, "fallback")], ids=["cg-ahead", "cg-behind"])
 def test_the_plateau_rule_and_the_progress_guard_decide_together_on_every_rank(margin, phase):
     # The guard judges at every CG check; 0.99 of the first optimizer's projected progress is more than CG makes here.
     rank0, rank1 = run_on_ranks(_fit_plateau_rank, FallbackPolicy(progress_window=1, progress_margin=margin))

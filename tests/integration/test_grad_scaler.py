@@ -56,12 +56,14 @@ def test_the_cg_phase_runs_under_the_grad_scaler_and_ends_where_32_true_does():
     reference = swap_at(2, optimizer=plain)
     fit_scaled(TinyClassifier(), reference, init_scale=None, max_epochs=6)
     cg = trainer.optimizers[0]
-    assert isinstance(cg.optimizer, ConjugateGradient) and callback.phase == "cg" and callback.fallback_reason is None
+    assert (
+        isinstance(cg.optimizer, ConjugateGradient) and callback.phase == "second" and callback.fallback_reason is None
+    )
     totals = cg.optimizer.totals
     assert totals["iterations"] == 4 and totals["line_search_failures"] == 0
-    losses = [r["loss"] for r in callback.history if r["phase"] == "cg"]
+    losses = [r["loss"] for r in callback.history if r["phase"] == "second"]
     assert losses == sorted(losses, reverse=True) and finite(model)
-    expected = [r["loss"] for r in reference.history if r["phase"] == "cg"]
+    expected = [r["loss"] for r in reference.history if r["phase"] == "second"]
     assert losses == pytest.approx(expected, rel=1e-3)  # float16 compute, the same CG iterations
     # One scaler iteration per gradient: the first phase's 16 steps and every gradient the CG phase used.
     state = trainer.scaler.state_dict()
@@ -81,10 +83,10 @@ def test_an_overflow_lowers_the_scale_and_never_becomes_a_step_a_nan_or_a_fallba
     # The weights at the swap were the initial ones: every first-phase step was skipped.
     assert callback.history[0]["phase"] == "first" and math.isnan(callback.history[0]["grad_norm"])
     cg = trainer.optimizers[0].optimizer
-    assert callback.phase == "cg" and callback.fallback_reason is None
+    assert callback.phase == "second" and callback.fallback_reason is None
     assert cg.totals["iterations"] == 4 and cg.totals["line_search_failures"] == 0
     assert trainer.scaler.get_scale() < 2.0 ** (40 - batches)  # the CG phase backed off further
-    losses = [r["loss"] for r in callback.history if r["phase"] == "cg"]
+    losses = [r["loss"] for r in callback.history if r["phase"] == "second"]
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.5 * losses[0] and finite(model)
     # The first CG iteration started from the whole epoch at the initial weights: no batch was left out.
     reference = TinyClassifier()
@@ -115,7 +117,7 @@ class RecordScale(pl.Callback):
         self.at_swap: dict[str, Any] | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        if self.states and self.states[-1][0] == "first" and self.swap.phase == "cg":
+        if self.states and self.states[-1][0] == "first" and self.swap.phase == "second":
             self.at_swap = trainer.scaler.state_dict()
             if self.inject is not None:
                 trainer.scaler.update(new_scale=self.inject)
@@ -159,7 +161,7 @@ def test_resume_in_the_cg_phase_restores_its_scale_and_the_first_phases(tmp_path
     reference_trainer, reference = run_with_checkpoints(tmp_path / "uninterrupted")
     saved = torch.load(tmp_path / "uninterrupted" / "epoch=3.ckpt", weights_only=False)  # after 2 CG epochs
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
-    assert state["phase"] == "cg"
+    assert state["phase"] == "second"
     first_scaler = state["first_optimizer"]["scaler"]
     assert first_scaler["scale"] == 2.0**16 and saved["MixedPrecision"]["scale"] < 2.0**30  # CG's, after the injection
 
@@ -209,12 +211,12 @@ def _fit_scaled_rank(rank: int, world_size: int) -> dict[str, Any]:
 
 def test_ddp_ranks_share_the_scale_and_every_overflow_decision():
     rank0, rank1 = run_on_ranks(_fit_scaled_rank)
-    assert rank0["phase"] == rank1["phase"] == "cg"
+    assert rank0["phase"] == rank1["phase"] == "second"
     assert rank0["scaler"] == rank1["scaler"] and rank0["scaler"]["scale"] < 2.0**30
     assert rank0["totals"] == rank1["totals"] and rank0["totals"]["line_search_failures"] == 0
     # The same checks on both ranks (the first phase's gradient norm is NaN: the scaler skipped all its steps).
     assert [(r["step"], r["loss"]) for r in rank0["history"]] == [(r["step"], r["loss"]) for r in rank1["history"]]
-    losses = [r["loss"] for r in rank0["history"] if r["phase"] == "cg"]
+    losses = [r["loss"] for r in rank0["history"] if r["phase"] == "second"]
     assert losses == sorted(losses, reverse=True)
     for a, b in zip(rank0["weights"], rank1["weights"]):
         assert torch.equal(a, b) and bool(torch.isfinite(a).all())

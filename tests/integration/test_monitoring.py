@@ -31,7 +31,7 @@ def test_scalars_of_every_check_and_of_the_cg_steps(run):
     per_check = {"loss", "grad_norm", "gn_max", "threshold", "phase", "compute", "swap_epoch", "swap_step"}
     per_cg_step = {"step_size", "beta", "gradient_evaluations", "value_evaluations", "restarts", "line_search_failures"}
     assert {f"twophase/{name}" for name in per_check} <= tags
-    assert {f"twophase/cg/{name}" for name in per_cg_step} <= tags
+    assert {f"twophase/second/{name}" for name in per_cg_step} <= tags
     # One value per check, and the new phase at the step of the swap itself.
     phases = [event.value for event in events.Scalars("twophase/phase")]
     assert phases == [0.0] * callback.swap_epoch + [1.0] * (10 - callback.swap_epoch + 1)
@@ -65,7 +65,7 @@ def test_history_csv_and_png_next_to_the_logs(run):
     with open(f"{log_dir}/twophase_history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(callback.history) == 10
-    assert rows[callback.swap_epoch]["phase"] == "cg"
+    assert rows[callback.swap_epoch]["phase"] == "second"
     with open(f"{log_dir}/norm_vs_loss.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
 

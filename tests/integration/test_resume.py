@@ -50,7 +50,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(uninterrupted, tm
     checkpoint = directory / f"epoch={epochs_done - 1}.ckpt"
     saved = torch.load(checkpoint, weights_only=False)
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
-    assert state["phase"] == ("first" if when == "before the swap" else "cg")
+    assert state["phase"] == ("first" if when == "before the swap" else "second")
 
     model, trainer = run(tmp_path, ckpt_path=str(checkpoint))
     resumed = swap_callback(trainer)
@@ -200,7 +200,7 @@ def test_checked_by_steps_a_resume_in_the_cg_phase_keeps_every_check(tmp_path):
 
     reference_model, reference = fit_steps(tmp_path / "uninterrupted")
     model, resumed = fit_steps(tmp_path / "resumed", str(tmp_path / "uninterrupted" / "epoch=2.ckpt"))
-    assert [r["phase"] for r in reference.history].count("cg") == 3
+    assert [r["phase"] for r in reference.history].count("second") == 3
     assert resumed.history == reference.history
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)

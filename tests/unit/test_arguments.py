@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lightning_twophase import (
+    LBFGS,
     ConjugateGradient,
     ConvexitySwapCallback,
     Decision,
@@ -95,12 +96,14 @@ def test_the_default_is_the_plateau_rule_with_the_preconditioned_cg_phase_and_th
         ({"batches_per_iteration": 0}, ValueError, "batches_per_iteration"),
         ({"batches_per_iteration": True}, TypeError, "batches_per_iteration"),
         ({"max_cached_bytes": -1}, ValueError, "max_cached_bytes"),
-        ({"optimizer": {"beta": "bogus"}}, ValueError, "ConjugateGradient refuses.*unknown `beta='bogus'`"),
-        ({"optimizer": {"momentum": 0.9}}, ValueError, "ConjugateGradient refuses.*momentum"),
-        ({"optimizer": {"max_iter": 2.5}}, ValueError, "ConjugateGradient refuses.*max_iter"),
-        ({"optimizer": {"lr": math.nan}}, ValueError, "ConjugateGradient refuses.*lr.*finite"),
+        ({"optimizer": {"name": "cg", "beta": "bogus"}}, ValueError, "ConjugateGradient .* unknown `beta='bogus'`"),
+        ({"optimizer": {"momentum": 0.9}}, ValueError, "LBFGS .* refuses.*momentum"),
+        ({"optimizer": {"beta": "pr+"}}, ValueError, r"LBFGS \('lbfgs'\) refuses.*beta.*\{'name': 'cg', ...\}"),
+        ({"optimizer": {"max_iter": 2.5}}, ValueError, "LBFGS .* refuses.*max_iter"),
+        ({"optimizer": {"lr": math.nan}}, ValueError, "LBFGS .* refuses.*lr.*finite"),
         ({"optimizer": {"preconditioner": "adam"}}, ValueError, "preconditioner"),
-        ({"optimizer": 3}, TypeError, "a dict of ConjugateGradient options or a factory"),
+        ({"optimizer": "bfgs"}, ValueError, r"second phase 'bfgs' is unknown; choose one of \('lbfgs', 'cg'\)"),
+        ({"optimizer": 3}, TypeError, "a second phase's name .* or a factory"),
         ({"scheduler_factory": 3}, TypeError, "scheduler_factory"),
     ],
 )
@@ -129,11 +132,20 @@ def test_arguments_of_earlier_versions_are_refused_with_their_new_spelling(old, 
         ConvexitySwapCallback(bogus=1)
 
 
-def test_the_optimizer_argument_takes_conjugate_gradients_options_or_a_factory():
-    callback = ConvexitySwapCallback(optimizer={"beta": "pr+", "preconditioner": "none"})
+def test_the_optimizer_argument_takes_a_name_its_options_or_a_factory():
+    def groups():  # an optimizer fills its groups in: a fresh list for each
+        return [{"params": [torch.zeros(2, requires_grad=True)]}]
+
+    default = ConvexitySwapCallback()._config
+    assert isinstance(default.build_optimizer(groups()), LBFGS) and default.preconditioner == "second_moments"
+    assert default.build_optimizer(groups()).defaults["max_iter"] == 20
+    callback = ConvexitySwapCallback(optimizer={"name": "cg", "beta": "pr+", "preconditioner": "none"})
     assert callback._config.preconditioner == "none"
-    optimizer = callback._config.build_optimizer([{"params": [torch.zeros(2, requires_grad=True)]}])
+    optimizer = callback._config.build_optimizer(groups())
     assert isinstance(optimizer, ConjugateGradient) and optimizer.defaults["beta"] == "polak_ribiere_plus"
+    assert isinstance(ConvexitySwapCallback(optimizer="cg")._config.build_optimizer(groups()), ConjugateGradient)
+    five = ConvexitySwapCallback(optimizer={"max_iter": 5})._config.build_optimizer(groups())
+    assert five.defaults["max_iter"] == 5
     factory = ConvexitySwapCallback(optimizer=torch.optim.LBFGS)._config
     assert factory.build_optimizer is torch.optim.LBFGS and factory.preconditioner == "none"
 

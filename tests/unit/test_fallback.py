@@ -59,6 +59,13 @@ def run_cg(policy: FallbackPolicy, losses: list[float], cost: float = 1.8, start
     return None, None
 
 
+def test_the_progress_guard_is_off_by_default():
+    policy = FallbackPolicy()
+    policy.begin(first_phase(alpha=2.0))
+    assert policy.progress_window is None
+    assert run_cg(policy, [1e-4] * 200) == (None, None)  # stalled at the swap's loss: no progress fallback
+
+
 def test_the_exponent_is_read_off_the_first_phases_second_half():
     policy = FallbackPolicy()
     policy.begin(first_phase(alpha=2.0))
@@ -89,7 +96,7 @@ def test_a_bursty_cg_phase_that_ends_ahead_is_kept():
 
 
 def test_a_converged_cg_phase_far_below_the_first_optimizer_is_kept():
-    policy = FallbackPolicy()
+    policy = FallbackPolicy(progress_window=30)
     policy.begin(first_phase(alpha=1.0))
     assert run_cg(policy, [1e-9] * 200) == (None, None)  # no progress after the first check, but far ahead
 

@@ -14,7 +14,7 @@ def test_figure_marks_peak_and_swap_with_the_loss_decreasing_to_the_right():
         {"loss": 1.0, "grad_norm": 0.5, "phase": "first"},
         {"loss": 0.5, "grad_norm": 1.0, "phase": "first"},
         {"loss": 0.2, "grad_norm": 0.8, "phase": "first"},
-        {"loss": 0.1, "grad_norm": 0.3, "phase": "cg"},
+        {"loss": 0.1, "grad_norm": 0.3, "phase": "second"},
     ]
     figure = norm_vs_loss_figure(history, swap_index=2, peak_index=1)
     axes = figure.axes[0]
@@ -28,13 +28,13 @@ def test_figure_marks_peak_and_swap_with_the_loss_decreasing_to_the_right():
 def test_history_csv_takes_the_columns_of_every_check(tmp_path):
     history = [
         {"epoch": 1, "loss": 1.0, "grad_norm": 0.5, "gn_max": 0.5, "phase": "first"},
-        {"epoch": 2, "loss": 0.5, "grad_norm": 0.2, "phase": "cg"},  # the CG phase has no detector columns
+        {"epoch": 2, "loss": 0.5, "grad_norm": 0.2, "phase": "second"},  # the CG phase has no detector columns
     ]
     write_history_csv(history, tmp_path / "history.csv")
     with open(tmp_path / "history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["epoch", "loss", "grad_norm", "gn_max", "phase"]
-    assert rows[1]["gn_max"] == "" and rows[1]["phase"] == "cg"
+    assert rows[1]["gn_max"] == "" and rows[1]["phase"] == "second"
 
 
 def test_the_closing_line_without_a_swap_says_what_the_rule_last_answered():

@@ -18,5 +18,5 @@ def test_every_tag_has_the_prefix_and_its_history_column():
     for tag in defined_tags() - {tags.PREFIX}:
         assert tag.startswith(f"{tags.PREFIX}/")
     assert tags.column(tags.GN_MAX) == "gn_max"
-    assert tags.column(tags.CG_STEP_SIZE) == "cg/step_size"
-    assert set(tags.PHASE_VALUES) == {"first", "cg", "fallback"}
+    assert tags.column(tags.CG_STEP_SIZE) == "second/step_size"
+    assert set(tags.PHASE_VALUES) == {"first", "second", "fallback"}
