@@ -197,7 +197,7 @@ def cg_passes_per_epoch(history: list[dict[str, Any]], samples: int) -> tuple[fl
     plus the line search's trials, from the compute the callback recorded at each check."""
     passes = []
     for previous, record in itertools.pairwise(history):
-        if record["phase"] == "cg":
+        if record["phase"] == "second":
             passes.append((record["compute"] - previous["compute"]) / (3 * samples))
     if not passes:
         return None

@@ -116,7 +116,7 @@ def run(
     with torch.no_grad():
         model = model.float().cpu()
         final = float(model.loss(model(inputs), labels))
-    cg_checks = [record["loss"] for record in callback.history if record["phase"] == "cg"]
+    cg_checks = [record["loss"] for record in callback.history if record["phase"] == "second"]
     return Result(
         precision=precision + (" + GradScaler" if grad_scaler is not None else ""),
         swapped=callback.swap_epoch is not None,

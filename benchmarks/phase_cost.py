@@ -124,7 +124,7 @@ def cg_phase(name: str, train: Any, device: str, adam_epochs: int, cg_epochs: in
     passes = [
         (record["compute"] - previous["compute"]) / (3 * samples)
         for previous, record in itertools.pairwise(history)
-        if record["phase"] == "cg"
+        if record["phase"] == "second"
     ]
     # The first Adam epoch and the swap epoch carry one-off costs (warm-up, the chunking decision): left out.
     adam = statistics.median(times.seconds[1:adam_epochs] or times.seconds[:adam_epochs])
@@ -135,7 +135,7 @@ def cg_phase(name: str, train: Any, device: str, adam_epochs: int, cg_epochs: in
         "adam_epoch": adam,
         "cg_epoch": cg,
         "ratio": cg / adam,
-        "trial_batching": fit.optimizers[0].objective.trial_batching if callback.phase == "cg" else "-",
+        "trial_batching": fit.optimizers[0].objective.trial_batching if callback.phase == "second" else "-",
     }
 
 

@@ -258,7 +258,7 @@ def loss_vs_compute_figure(
     axes.plot(*curve(first_only), color="tab:blue", label="Adam alone")
     axes.plot(*curve(two_phase), color="tab:orange", label="two-phase")
     # The check before the first CG one is where the swap was made.
-    swaps = [before for before, after in itertools.pairwise(two_phase) if after["phase"] == "cg" != before["phase"]]
+    swaps = [before for before, after in itertools.pairwise(two_phase) if after["phase"] == "second" != before["phase"]]
     for record in swaps:
         axes.axvline(record["compute"] / (3 * samples), color="0.5", linestyle="--", linewidth=0.8)
     if swaps:

@@ -238,7 +238,7 @@ def write_figures(results: list[RunResult], out: Path) -> None:
     for result in results:
         groups.setdefault((result.data, result.model), []).append(result)
         if result.schedule in ("adam30+cg", "default") and result.history:
-            swap = next((i for i, r in enumerate(result.history) if r["phase"] == "cg"), None)
+            swap = next((i for i, r in enumerate(result.history) if r["phase"] == "second"), None)
             first = [(r["grad_norm"], i) for i, r in enumerate(result.history) if r["phase"] == "first"]
             figure = norm_vs_loss_figure(
                 result.history,
