@@ -11,8 +11,9 @@ benchmark runs, per case and seed, from the same initial weights and the same da
   ``optimizer.step(closure)`` per remaining epoch on the whole training set in one tensor (a fresh augmentation draw
   per epoch where the case augments; the closure re-seeds dropout, so all calls of one step see one function);
 * one run of :class:`lightning_twophase.ConvexitySwapCallback` per ``--callback`` in a Lightning Trainer for ``E``
-  epochs: ``default`` (its defaults), ``cg30`` (``detector=None, swap_epoch=0.3``), ``torch-lbfgs30`` (the same with
-  ``optimizer=`` a factory of that L-BFGS), or ``NAME={...}``: keyword arguments as a Python literal dict
+  epochs: ``default`` (its defaults), ``cg30`` (``detector=None, swap_epoch=0.3, optimizer="cg"``: the paper's CG),
+  ``lbfgs30`` (the same with the package's L-BFGS), ``torch-lbfgs30`` (the same with ``optimizer=`` a factory of
+  that L-BFGS), or ``NAME={...}``: keyword arguments as a Python literal dict
   (``ast.literal_eval``; a dict under ``fallback`` becomes ``FallbackPolicy(**dict)``).
 
 Costs are in gradient passes: a forward and backward pass over the whole training set is 1; an Adam epoch is 1; a
@@ -88,7 +89,8 @@ def torch_lbfgs(groups: Any) -> torch.optim.Optimizer:
 #: The callbacks named without arguments.
 NAMED_CALLBACKS: dict[str, dict[str, Any]] = {
     "default": {},
-    "cg30": {"detector": None, "swap_epoch": FIRST_SHARE},
+    "cg30": {"detector": None, "swap_epoch": FIRST_SHARE, "optimizer": "cg"},
+    "lbfgs30": {"detector": None, "swap_epoch": FIRST_SHARE, "optimizer": "lbfgs"},
     "torch-lbfgs30": {"detector": None, "swap_epoch": FIRST_SHARE, "optimizer": torch_lbfgs},
 }
 
@@ -422,7 +424,7 @@ def main(argv: list[str] | None = None) -> list[Run]:
         "--callback",
         action="append",
         type=parse_callback,
-        help="a callback run: default, cg30, torch-lbfgs30, or NAME={...} (its keyword arguments); repeatable "
+        help="a callback run: default, cg30, lbfgs30, torch-lbfgs30, or NAME={...} (its keyword arguments); repeatable "
         "(without any: default and torch-lbfgs30)",
     )
     parser.add_argument("--epochs", type=int, default=None, help="override every case's epochs")
