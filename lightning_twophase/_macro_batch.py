@@ -59,6 +59,8 @@ class MacroBatchStep:
         forward_samples: samples passed forward for the macro-batch, over all ranks: the training loop's passes and
             the trial evaluations.
         backward_samples: samples passed backward, over all ranks.
+        decay: the weight-decay term of the objective where the step started: the wrapped optimizer minimised
+            ``loss + decay`` (``0.0`` without weight decay).
 
     """
 
@@ -70,6 +72,7 @@ class MacroBatchStep:
     non_finite_batches: list[int]
     forward_samples: int
     backward_samples: int
+    decay: float = 0.0
 
 
 class _MacroBatchOptimizer(Optimizer):
@@ -274,7 +277,7 @@ class _MacroBatchOptimizer(Optimizer):
         self.objective.iteration = self.steps
         self._on_step(
             MacroBatchStep(
-                start_loss, grad_norm, failed, diagnostics, non_finite, non_finite_batches, forward, backward
+                start_loss, grad_norm, failed, diagnostics, non_finite, non_finite_batches, forward, backward, decay
             )
         )
 

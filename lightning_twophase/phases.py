@@ -305,6 +305,11 @@ class CGPhase:
         # here for `on_train_batch_end`.
         self._results: list[MacroBatchStep] = []
         self._points: list[tuple[float, float]] = []  # (loss, gradient norm) of each iteration since the last check
+        # The objective the optimizer minimised (the loss plus the first optimizer's weight decay) at each iteration
+        # since the last check, and its mean at the last check: what the fallback policy judges.
+        self._objectives: list[float] = []
+        self._checked_objective: float | None = None
+        self._policy_begun = True
         self._warned_struggling = False
         #: ``(epoch, step)`` of a swap decided within an epoch, until the next epoch starts the phase; else ``None``.
         self.pending: tuple[int, int] | None = None
@@ -332,7 +337,7 @@ class CGPhase:
         self.optimizer = config.build_optimizer(groups)
         if state is None:
             apply_preconditioner(config.preconditioner, first_optimizer, self.optimizer, rank_zero_warn)
-            self.policy.begin(self.record.first_phase_points())
+            self._policy_begun = False  # at the first step, which tells the weight decay's term at the swap
         else:  # the preconditioner comes back with the optimizer state
             self._restore(state, first_optimizer)
         params = [p for group in groups for p in group["params"]]
@@ -472,8 +477,14 @@ class CGPhase:
                 f"{trainer.global_step}, with the weights as they were before the step. The training loss was not "
                 f"finite{where if step.non_finite_batches else ''}. {step.non_finite}"
             )
+        if not self._policy_begun:
+            # The policy judges the objective the optimizer minimises; the first optimizer's losses are shifted by
+            # the weight decay's term at the swap, so that both curves are in the same units.
+            self.policy.begin([(loss + step.decay, compute) for loss, compute in self.record.first_phase_points()])
+            self._policy_begun = True
         # Every second-phase optimizer goes through the same checks: the step's start loss and gradient norm.
         self._points.append((step.loss, step.grad_norm))
+        self._objectives.append(step.loss + step.decay)
         scalars = {tags.CG_LOSS: step.loss, tags.CG_GRAD_NORM: step.grad_norm, tags.COMPUTE: self.record.compute}
         diagnostics = step.diagnostics
         if diagnostics is not None:  # ConjugateGradient's extras
@@ -515,11 +526,15 @@ class CGPhase:
             return None
         losses, norms = zip(*self._points)
         self._points.clear()
+        self._checked_objective = sum(self._objectives) / len(self._objectives)
+        self._objectives.clear()
         return sum(losses) / len(losses), sum(norms) / len(norms)
 
     def check(self, loss: float) -> Decision | None:
-        """A check of the CG phase: a decision to fall back, if the policy makes one."""
-        return self._acted_on(self.policy.check(loss, self.record.compute))
+        """A check of the CG phase, whose mean loss :meth:`measure` gave: a decision to fall back, if the policy makes
+        one. The policy judges the objective the optimizer minimised (with the first optimizer's weight decay)."""
+        objective, self._checked_objective = self._checked_objective, None
+        return self._acted_on(self.policy.check(loss if objective is None else objective, self.record.compute))
 
     def carried_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CGPhase:
         """This phase on another fit's Trainer, as from a checkpoint written at the end of the last fit: installed
