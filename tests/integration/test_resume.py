@@ -263,3 +263,26 @@ def test_a_checkpoint_written_after_a_layer_was_unfrozen_in_the_cg_phase_resumes
     # Both resume to their uninterrupted runs up to float64 rounding (measured: 7e-9 and 3e-8).
     assert adams_gap < 1e-7 and largest_difference(resumed, uninterrupted) < 1e-7
     assert largest_difference(uninterrupted, adam) > 1e-3  # the CG phase did train: the runs differ from Adam's
+
+
+def test_a_checkpoint_written_while_a_swap_waits_for_the_epochs_end_resumes_and_swaps_there(tmp_path):
+    from tests.integration.test_callback import SwapFromStep
+
+    def run(directory: Path, ckpt_path: str | None = None) -> tuple[ConvexitySwapCallback, pl.Trainer]:
+        # The swap is decided at step 12, within epoch 1 (steps 9 to 16); a checkpoint is written at step 14.
+        callback = ConvexitySwapCallback(detector=SwapFromStep(12), swap_epoch=None, check_every_n_steps=4)
+        checkpoints = ModelCheckpoint(dirpath=directory, filename="{step}", save_top_k=-1, every_n_train_steps=14)
+        trainer = pl.Trainer(
+            callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=4, enable_checkpointing=True)
+        )
+        trainer.fit(PeakingClassifier(), ckpt_path=ckpt_path)
+        return callback, trainer
+
+    reference, _ = run(tmp_path / "full")
+    assert (reference.swap_epoch, reference.swap_step) == (2, 16)
+    with pytest.warns(UserWarning, match="resuming from a mid-epoch checkpoint|not resumable"):
+        resumed, trainer = run(tmp_path / "resumed", str(tmp_path / "full" / "step=14.ckpt"))
+    # The checkpoint holds the first optimizer's state (it still trained): resumed, the swap comes at the epoch's end.
+    assert (resumed.swap_epoch, resumed.swap_step) == (2, 16)
+    assert isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
+    assert trainer.optimizers[0].optimizer.totals["iterations"] == 2
