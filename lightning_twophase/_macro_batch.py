@@ -241,7 +241,10 @@ class _MacroBatchOptimizer(Optimizer):
             if p not in chosen:
                 p.grad = None  # held: no optimizer sees a gradient for it
         for p, mean_grad in zip(trained, sums):
-            p.grad = mean_grad.clone()
+            if p.grad is None:
+                p.grad = mean_grad.clone()
+            else:
+                p.grad.copy_(mean_grad)
         forward_before, backward_before = self.objective.forward_samples, self.objective.backward_samples
         if not complete and trained:
             # A parameter began to require grad within the macro-batch: the start's gradient again, on every batch.
