@@ -317,8 +317,8 @@ class CGPhase:
         if state is None and batches_left_in_epoch(trainer):
             self.pending = (trainer.current_epoch, trainer.global_step)
             return
-        if state is not None and state.get("pending") is not None:  # a checkpoint written while the swap waited
-            self.pending = tuple(state["pending"])  # type: ignore[assignment]
+        if state is not None and state.get("swap_decided_at") is not None:  # a checkpoint written while the swap waited
+            self.pending = tuple(state["swap_decided_at"])  # type: ignore[assignment]
             return
         self._start(trainer, pl_module, state)
 
@@ -576,7 +576,7 @@ class CGPhase:
     def state_dict(self) -> dict[str, Any]:
         if self.pending is not None:
             # The first optimizer still trains: Lightning's checkpoint holds its state.
-            return {"first_optimizer": None, "policy": self.policy.state_dict(), "pending": list(self.pending)}
+            return {"first_optimizer": None, "policy": self.policy.state_dict(), "swap_decided_at": list(self.pending)}
         # The first optimizer's state is kept for the fallback, so that it resumes where the first phase stopped.
         first_state = None
         if self.first.optimizers:
@@ -593,7 +593,7 @@ class CGPhase:
             # phase took over from the first optimizer's groups: resume rebuilds the same optimizer and objective.
             "param_groups": _group_names(self.optimizer, self._pl_module),
             "second_phase_terms": _terms_to_state(self.adapter, self.optimizer),
-            "pending": None,
+            "swap_decided_at": None,
         }
 
 

@@ -855,14 +855,18 @@ class DecayedLogisticRegression(LogisticRegression):
         return self.optimizer_class(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW])
-def test_the_first_optimizers_weight_decay_is_part_of_the_second_phases_objective(optimizer):
+@pytest.mark.parametrize(
+    ("optimizer", "second_phase"),
+    [(torch.optim.Adam, "default"), (torch.optim.AdamW, "default"), (torch.optim.AdamW, "lbfgs")],
+)
+def test_the_first_optimizers_weight_decay_is_part_of_the_second_phases_objective(optimizer, second_phase):
     """Adam's (coupled, L2) decay: the second phase ends where ``g + wd w = 0``; AdamW's (decoupled): where AdamW's
     steps would stop, ``g + wd (sqrt(v_hat) + eps) w = 0`` with AdamW's second moments at the swap."""
     weight_decay = 0.05 if optimizer is torch.optim.Adam else 1.0
     model = DecayedLogisticRegression(optimizer, weight_decay)
     first = FirstOptimizer()
-    callback = swap_at(3, fallback=FallbackPolicy(progress_window=None))  # the guard would call a converged run slow
+    # The progress guard would call a converged run slow.
+    callback = swap_at(3, optimizer=SECOND_PHASES[second_phase], fallback=FallbackPolicy(progress_window=None))
     pl.Trainer(callbacks=[callback, first], **trainer_kwargs(max_epochs=25, precision="64-true")).fit(model)
     assert callback.phase == "cg"
     model.zero_grad()
