@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 __all__ = [
     "TrainerSettings",
     "backward_sync_blocked",
+    "batches_left_in_epoch",
     "grad_scaler",
     "is_last_batch",
     "logging_suppressed",
@@ -163,6 +164,16 @@ def is_last_batch(trainer: pl.Trainer) -> bool:
     unknown length; ``on_train_batch_start`` returning -1 ends the epoch after the hook, which this cannot foresee.
     """
     return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def batches_left_in_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the training loop is within an epoch and more of its batches are to come (asked after a batch).
+
+    Lightning counts the batches fetched in the epoch (``batch_progress.current.ready``, reset when an epoch starts)
+    and knows whether the one in hand is the last (see :func:`is_last_batch`).
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.current.ready > 0 and not progress.is_last_batch
 
 
 def backward_sync_blocked(trainer: pl.Trainer) -> AbstractContextManager[Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.data import extract_batch_size
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -30,9 +30,11 @@ from lightning_twophase import monitoring, tags
 from lightning_twophase._lightning import (
     TrainerSettings,
     backward_sync_blocked,
+    batches_left_in_epoch,
     grad_scaler,
     is_last_batch,
     scheduler_configs,
+    set_callback_metric,
     set_closure_steps,
     step_loss,
     undo_accumulation,
@@ -59,6 +61,7 @@ __all__ = [
     "Phase",
     "PreconditionerFactory",
     "SchedulerFactory",
+    "second_phase_terms",
 ]
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], Optimizer]
@@ -265,7 +268,16 @@ class CGPhaseConfig:
 
 
 class CGPhase:
-    """Conjugate gradient in place of the first-phase optimizer, installed through ``trainer.strategy`` at once.
+    """Conjugate gradient in place of the first-phase optimizer, installed through ``trainer.strategy``.
+
+    A swap decided with an epoch's last batch (or before any) installs it at once. A swap decided within an epoch
+    (``check_every_n_steps``) waits for the next epoch to start, the first optimizer finishing the epoch: every CG
+    iteration then covers a whole epoch (the first would otherwise see the rest of the epoch only), and
+    ``swap_epoch`` and ``swap_step`` say where it started.
+
+    The first optimizer's parameter groups carry over: a group with ``lr=0`` is held (not trained), and weight decay
+    becomes part of the objective (:func:`second_phase_terms`). The parameters trained are those that require grad
+    at each iteration.
 
     Args:
         trainer: the running Trainer.
@@ -292,25 +304,56 @@ class CGPhase:
         self.seed = seed
         self.policy = config.fallback
         self._trainer = trainer
+        self._pl_module = pl_module
         self._current: tuple[Any, int, bool] = (None, 0, False)
         # Steps happen inside Lightning's optimizer step, where changing optimizers is unsafe: their results wait
         # here for `on_train_batch_end`.
         self._results: list[MacroBatchStep] = []
         self._points: list[tuple[float, float]] = []  # (loss, gradient norm) of each iteration since the last check
+        # The objective the optimizer minimised (the loss plus the first optimizer's weight decay) at each iteration
+        # since the last check, and its mean at the last check: what the fallback policy judges.
+        self._objectives: list[float] = []
+        self._checked_objective: float | None = None
+        self._policy_begun = True
         self._warned_struggling = False
+        #: ``(epoch, step)`` of a swap decided within an epoch, until the next epoch starts the phase; else ``None``.
+        self.pending: tuple[int, int] | None = None
+        self._pending_samples = 0
+        if state is None and batches_left_in_epoch(trainer):
+            self.pending = (trainer.current_epoch, trainer.global_step)
+            return
+        if state is not None and state.get("swap_decided_at") is not None:  # a checkpoint written while the swap waited
+            self.pending = tuple(state["swap_decided_at"])  # type: ignore[assignment]
+            return
+        self._start(trainer, pl_module, state)
+
+    def _start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None) -> None:
+        """Build the optimizer, the objective and the adapter, and install them."""
+        config = self.config
+        first_optimizer = trainer.optimizers[0]
+        if state is not None and state.get("param_groups") is not None:
+            # Groups added after the swap (a layer BaseFinetuning unfroze) are the checkpoint's: the first optimizer
+            # that configure_optimizers built lacks them.
+            _match_groups(first_optimizer, state["param_groups"], pl_module)
         first = TrainerSettings.capture(trainer)
-        first_optimizer = first.optimizers[0]
         # Without the fallback the first optimizer is never used again: keep only the settings, not its state.
         self.first = first if config.fall_back else replace(first, optimizers=[], lr_scheduler_configs=[])
         groups = [{"params": list(group["params"])} for group in first_optimizer.param_groups]
         self.optimizer = config.build_optimizer(groups)
         if state is None:
             apply_preconditioner(config.preconditioner, first_optimizer, self.optimizer, rank_zero_warn)
-            self.policy.begin(record.first_phase_points())
+            self._policy_begun = False  # at the first step, which tells the weight decay's term at the swap
         else:  # the preconditioner comes back with the optimizer state
             self._restore(state, first_optimizer)
         params = [p for group in groups for p in group["params"]]
-        objective = config.build_objective(trainer, pl_module, params, seed)
+        if state is not None and state.get("second_phase_terms") is not None:
+            excluded, weight_decay = _terms_from_state(state["second_phase_terms"], params)
+        else:
+            excluded, weight_decay, notes = second_phase_terms(first_optimizer)
+            if state is None:
+                for note in notes:
+                    rank_zero_warn(f"ConvexitySwapCallback: {note}")
+        objective = config.build_objective(trainer, pl_module, params, self.seed)
         if state is not None and state.get("trial_batching"):
             objective.trial_batching = state["trial_batching"]  # decided once, not again on resume
         self.adapter = _MacroBatchOptimizer(
@@ -322,8 +365,33 @@ class CGPhase:
             loop_pass=lambda: backward_sync_blocked(trainer),
             on_params_added=self._add_to_first_optimizer,
             warn=rank_zero_warn,
+            excluded=excluded,
+            weight_decay=weight_decay,
         )
         self._install(trainer, announce=state is None)
+
+    def _begin_pending(self) -> None:
+        """The epoch after a swap decided within an epoch starts: install the CG phase, and say where it started."""
+        assert self.pending is not None
+        trainer = self._trainer
+        (decided_epoch, decided_step), self.pending = self.pending, None
+        # The first optimizer's steps since the decision were not measured by any check: count their compute.
+        samples = trainer.strategy.reduce(
+            torch.tensor(float(self._pending_samples), device=trainer.strategy.root_device), reduce_op="sum"
+        )
+        self.record.compute += 3 * round(float(samples))
+        self._start(trainer, self._pl_module, None)
+        epoch, step = trainer.current_epoch, trainer.global_step
+        self.record.swap_epoch, self.record.swap_step = epoch, step
+        set_callback_metric(trainer, tags.SWAP_EPOCH, epoch)
+        set_callback_metric(trainer, tags.SWAP_STEP, step)
+        monitoring.log_scalars(trainer, {tags.SWAP_EPOCH: float(epoch), tags.SWAP_STEP: float(step)}, step)
+        name = type(self.first.optimizers[0]).__name__ if self.first.optimizers else "the first optimizer"
+        rank_zero_info(
+            f"ConvexitySwapCallback: the CG phase starts at epoch {epoch}, step {step}: the swap decided at epoch "
+            f"{decided_epoch}, step {decided_step}, waited for that epoch's end ({name} took its last "
+            f"{step - decided_step} steps), so that every CG iteration covers a whole epoch."
+        )
 
     def _restore(self, state: dict[str, Any], first_optimizer: Optimizer) -> None:
         self.policy.load_state_dict(state["policy"])
@@ -372,17 +440,26 @@ class CGPhase:
     # ------------------------------------------------------------------------------------------------------------
 
     def on_train_epoch_start(self) -> None:
+        if self.pending is not None:
+            self._begin_pending()
         self.adapter.discard()  # a macro-batch left over by an epoch that ended early
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.pending is not None:  # the first optimizer finishes the epoch
+            self._pending_samples += _batch_size(batch)
+            return
         self._current = (batch, batch_idx, is_last_batch(self._trainer))
 
     def on_train_batch_end(self) -> Decision | None:
         """The batch's step is done; a decision to fall back at once, if the policy makes one."""
+        if self.pending is not None:
+            return None
         self._current = (None, 0, False)  # the batch is not kept beyond its step
         return self._after_steps()
 
     def on_train_epoch_end(self) -> Decision | None:
+        if self.pending is not None:
+            return None
         # An epoch that ended before its last batch (on_train_batch_start returned -1): step on what it kept.
         self.adapter.finish()
         return self._after_steps()
@@ -405,8 +482,14 @@ class CGPhase:
                 f"{trainer.global_step}, with the weights as they were before the step. The training loss was not "
                 f"finite{where if step.non_finite_batches else ''}. {step.non_finite}"
             )
+        if not self._policy_begun:
+            # The policy judges the objective the optimizer minimises; the first optimizer's losses are shifted by
+            # the weight decay's term at the swap, so that both curves are in the same units.
+            self.policy.begin([(loss + step.decay, compute) for loss, compute in self.record.first_phase_points()])
+            self._policy_begun = True
         # Every second-phase optimizer goes through the same checks: the step's start loss and gradient norm.
         self._points.append((step.loss, step.grad_norm))
+        self._objectives.append(step.loss + step.decay)
         scalars = {tags.CG_LOSS: step.loss, tags.CG_GRAD_NORM: step.grad_norm, tags.COMPUTE: self.record.compute}
         diagnostics = step.diagnostics
         if diagnostics is not None:  # ConjugateGradient's extras
@@ -448,11 +531,15 @@ class CGPhase:
             return None
         losses, norms = zip(*self._points)
         self._points.clear()
+        self._checked_objective = sum(self._objectives) / len(self._objectives)
+        self._objectives.clear()
         return sum(losses) / len(losses), sum(norms) / len(norms)
 
     def check(self, loss: float) -> Decision | None:
-        """A check of the CG phase: a decision to fall back, if the policy makes one."""
-        return self._acted_on(self.policy.check(loss, self.record.compute))
+        """A check of the CG phase, whose mean loss :meth:`measure` gave: a decision to fall back, if the policy makes
+        one. The policy judges the objective the optimizer minimised (with the first optimizer's weight decay)."""
+        objective, self._checked_objective = self._checked_objective, None
+        return self._acted_on(self.policy.check(loss if objective is None else objective, self.record.compute))
 
     def carried_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CGPhase:
         """This phase on another fit's Trainer, as from a checkpoint written at the end of the last fit: installed
@@ -460,7 +547,8 @@ class CGPhase:
         self.close()
         try:
             carried = CGPhase(trainer, pl_module, self.config, self.record, self.seed, self.state_dict())
-            carried.adapter.load_state_dict(self.adapter.state_dict())
+            if self.pending is None:
+                carried.adapter.load_state_dict(self.adapter.state_dict())
         except (ValueError, KeyError, RuntimeError) as error:
             refuse([another_model(error)])
         return carried
@@ -469,7 +557,7 @@ class CGPhase:
         """Put the first phase's Trainer settings back, and say why."""
         trainer = self._trainer
         name = type(self.first.optimizers[0]).__name__ if self.first.optimizers else "the first optimizer"
-        self.adapter.discard()
+        self.adapter.close()
         self.first.apply(trainer)
         message = (
             f"ConvexitySwapCallback: falling back to {name} at epoch {epoch}, step {trainer.global_step}: "
@@ -485,10 +573,15 @@ class CGPhase:
 
     def close(self) -> None:
         """Training ends (or failed): drop kept batches; the precision plugin steps as Lightning does again."""
-        self.adapter.discard()
+        if self.pending is not None:
+            return
+        self.adapter.close()
         set_closure_steps(self._trainer, False)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.pending is not None:
+            # The first optimizer still trains: Lightning's checkpoint holds its state.
+            return {"first_optimizer": None, "policy": self.policy.state_dict(), "swap_decided_at": list(self.pending)}
         # The first optimizer's state is kept for the fallback, so that it resumes where the first phase stopped.
         first_state = None
         if self.first.optimizers:
@@ -501,6 +594,11 @@ class CGPhase:
             "first_optimizer": first_state,
             "policy": self.policy.state_dict(),
             "trial_batching": self.adapter.objective.trial_batching,
+            # Which parameters each group holds (a layer unfrozen after the swap adds one), by name, and what the
+            # phase took over from the first optimizer's groups: resume rebuilds the same optimizer and objective.
+            "param_groups": _group_names(self.optimizer, self._pl_module),
+            "second_phase_terms": _terms_to_state(self.adapter, self.optimizer),
+            "swap_decided_at": None,
         }
 
 
@@ -534,3 +632,140 @@ def _named_second_phase(owner: str, options: dict[str, Any]) -> tuple[OptimizerF
             f"another second phase go with its name, e.g. {{'name': {other[0]!r}, ...}}."
         ) from error
     return partial(optimizer_class, **options), preconditioner
+
+
+#: First optimizers whose ``weight_decay`` adds ``weight_decay * p`` to the gradient (L2 regularisation) unless a group
+#: asks for ``decoupled_weight_decay=True``; ``AdamW``'s is decoupled.
+COUPLED_DECAY: tuple[type[Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.RMSprop,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.ASGD,
+    torch.optim.Adadelta,
+)
+
+
+def second_phase_terms(first: Optimizer) -> tuple[list[Tensor], dict[Tensor, float | Tensor], list[str]]:
+    """What the second phase takes over from the first optimizer's parameter groups, and what it cannot.
+
+    * A group with ``lr == 0`` is held: the second phase does not train its parameters (nor would the first).
+    * Coupled weight decay (L2: ``SGD``, ``Adam`` and the others of :data:`COUPLED_DECAY`) adds ``wd * p`` to the
+      gradient, so the first optimizer's fixed points are the stationary points of ``loss + 0.5 * wd * |p|^2``: that
+      term joins the second phase's objective.
+    * Decoupled weight decay (``AdamW``, or ``decoupled_weight_decay=True``) steps ``-lr * (m_hat / (sqrt(v_hat) +
+      eps) + wd * p)``; at its fixed points ``g = -wd * (sqrt(v_hat) + eps) * p``: they are the stationary points of
+      ``loss + 0.5 * wd * sum((sqrt(v_hat) + eps) * p^2)``, with ``v_hat`` as at the swap (the decay is an L2 term in
+      Adam's own geometry, the one the default preconditioner keeps). That term joins the objective; a parameter
+      without second moments (never updated) gets none, as AdamW never decayed it.
+
+    Per-group learning rates other than 0, momenta and betas shape the first optimizer's path, not the function it
+    minimises: the second phase has its own.
+
+    Args:
+        first: the first optimizer, at the swap.
+
+    Returns:
+        The parameters to hold, each decayed parameter's coefficient ``c`` of ``0.5 * sum(c * p**2)`` (a number or a
+        tensor shaped like the parameter), and a note for each group whose decay is left out, naming the option.
+
+    """
+    excluded: list[Tensor] = []
+    decay: dict[Tensor, float | Tensor] = {}
+    notes: list[str] = []
+    name = type(first).__name__
+    for index, group in enumerate(first.param_groups):
+        params = list(group["params"])
+        if float(group.get("lr", 1.0)) == 0.0:
+            excluded.extend(params)
+            continue
+        strength = float(group.get("weight_decay") or 0.0)
+        if strength == 0.0:
+            continue
+        if isinstance(first, torch.optim.AdamW) or group.get("decoupled_weight_decay"):
+            scales = [_adam_scale(first, group, p) for p in params]
+            if all(scale is None for scale in scales):
+                notes.append(
+                    f"{name}'s decoupled weight decay (weight_decay={strength}) of parameter group {index} is left out "
+                    "of the CG phase's objective: the group has no second moments to express it in (it never "
+                    "stepped). Add the decay to training_step's loss to keep it."
+                )
+            decay.update({p: strength * scale for p, scale in zip(params, scales) if scale is not None})
+        elif isinstance(first, COUPLED_DECAY):
+            decay.update({p: strength for p in params})
+        else:
+            notes.append(
+                f"{name}'s weight_decay={strength} of parameter group {index} is left out of the CG phase's "
+                f"objective: it is not known whether {name} decays coupled (L2) or decoupled. Add the decay to "
+                "training_step's loss to keep it in both phases."
+            )
+    return excluded, decay, notes
+
+
+def _adam_scale(first: Optimizer, group: dict[str, Any], p: Tensor) -> Tensor | None:
+    """``sqrt(v_hat) + eps`` of an Adam-like optimizer for ``p``, or ``None`` if it keeps none for it."""
+    state = first.state.get(p, {})
+    moments = state.get("max_exp_avg_sq") if group.get("amsgrad") else state.get("exp_avg_sq")
+    betas = group.get("betas")
+    if moments is None or "step" not in state or betas is None:
+        return None
+    correction = 1.0 - betas[1] ** float(state["step"])
+    return ((moments.detach() / correction).sqrt() + group.get("eps", 0.0)).to(p.dtype)
+
+
+def _terms_to_state(adapter: _MacroBatchOptimizer, optimizer: Optimizer) -> dict[str, Any]:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {
+        "excluded": [index for index, p in enumerate(params) if p in adapter.excluded],
+        "weight_decay": [
+            (index, adapter.weight_decay[p]) for index, p in enumerate(params) if p in adapter.weight_decay
+        ],
+    }
+
+
+def _terms_from_state(terms: dict[str, Any], params: list[Tensor]) -> tuple[list[Tensor], dict[Tensor, float | Tensor]]:
+    excluded = [params[index] for index in terms["excluded"] if index < len(params)]
+    decay: dict[Tensor, float | Tensor] = {}
+    for index, coefficient in terms["weight_decay"]:
+        if index < len(params):
+            p = params[index]
+            decay[p] = coefficient.to(p.device, p.dtype) if isinstance(coefficient, Tensor) else coefficient
+    return excluded, decay
+
+
+def _group_names(optimizer: Optimizer, pl_module: pl.LightningModule) -> list[list[str]] | None:
+    """The names of each group's parameters; ``None`` if one is not the module's."""
+    names = {p: name for name, p in pl_module.named_parameters()}
+    if any(p not in names for group in optimizer.param_groups for p in group["params"]):
+        return None
+    return [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _match_groups(first: Optimizer, layout: list[list[str]], pl_module: pl.LightningModule) -> None:
+    """Give ``first`` the groups of ``layout`` (the checkpoint's CG phase) that it lacks: those added after the
+    swap, which ``configure_optimizers`` does not return."""
+    named = dict(pl_module.named_parameters())
+    names = {p: name for name, p in named.items()}
+    current = [[names.get(p, "?") for p in group["params"]] for group in first.param_groups]
+    if current == layout:
+        return
+    count = len(current)
+    if count < len(layout) and current == layout[:count] and all(n in named for g in layout[count:] for n in g):
+        for group in layout[count:]:
+            first.add_param_group({"params": [named[n] for n in group]})
+        return
+    refuse(
+        [
+            f"the CG phase it resumes trained {len(layout)} parameter group(s) ({_describe(layout)}), and the "
+            f"optimizer of configure_optimizers has {count} ({_describe(current)}), which are not the first of them. "
+            "Return the optimizer the run was trained with (the groups added during training, by BaseFinetuning "
+            "say, are added back), or pass a new ConvexitySwapCallback to train another model"
+        ]
+    )
+
+
+def _describe(layout: list[list[str]]) -> str:
+    return "; ".join("[" + ", ".join(group[:3]) + (", ..." if len(group) > 3 else "") + "]" for group in layout)

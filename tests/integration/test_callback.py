@@ -29,6 +29,7 @@ from lightning_twophase._lightning import unsupported_strategy
 from tests.conftest import (
     PeakingClassifier,
     TinyClassifier,
+    blobs,
     fit,
     needs_cpu_grad_scaler,
     scaler_plugin,
@@ -856,3 +857,55 @@ def test_a_swap_with_an_iteration_after_it_still_comes_in_a_short_training():
     )
     trainer = fit(TinyClassifier(), rule, max_epochs=1)
     assert rule.swap_step == 4 and cg_optimizer(trainer).totals["iterations"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A swap decided within an epoch (issue 28)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SwapFromStep(SwapDetector):
+    """A user's detector that swaps at the first check at or after a given step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def update(self, loss: float, grad_norm: float, *, epoch: int, step: int) -> Decision:
+        due = step >= self.step
+        return Decision(due, Reason.RULE if due else Reason.WAITING, f"step {step} vs {self.step}")
+
+
+class EpochStartLoss(pl.Callback):
+    """The training set's mean loss at the start of every epoch."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, float] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        inputs, labels = blobs(pl_module.samples, pl_module.features, pl_module.classes).tensors
+        with torch.no_grad():
+            self.by_epoch[trainer.current_epoch] = float(nn.functional.cross_entropy(pl_module(inputs), labels))
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    ["cg", "lbfgs", lambda groups: torch.optim.LBFGS(groups, line_search_fn="strong_wolfe")],
+    ids=["cg", "lbfgs", "torch-lbfgs"],
+)
+def test_a_swap_decided_within_an_epoch_starts_the_second_phase_with_the_next_epoch(optimizer):
+    CountingAdam.steps = 0
+    # 8 batches per epoch, checks every 4 steps: the swap is decided at step 12, halfway through epoch 1.
+    callback = ConvexitySwapCallback(
+        detector=SwapFromStep(12), swap_epoch=None, check_every_n_steps=4, optimizer=optimizer
+    )
+    losses = EpochStartLoss()
+    fit(CountingClassifier(), callback, losses, max_epochs=4)
+    # The first optimizer finished epoch 1; the second phase started with epoch 2, and says so.
+    assert CountingAdam.steps == 16
+    assert (callback.swap_epoch, callback.swap_step) == (2, 16)
+    assert callback.swap_decision.reason is Reason.RULE
+    cg_checks = [record for record in callback.history if record["phase"] == "second"]
+    assert [record["epoch"] for record in cg_checks] == [3, 4]
+    # Each iteration, the first included, starts from the loss over the whole training set.
+    for record, epoch in zip(cg_checks, (2, 3)):
+        assert record["loss"] == pytest.approx(losses.by_epoch[epoch], rel=1e-5)

@@ -715,3 +715,194 @@ def test_an_optimizer_factory_never_steps_from_a_non_finite_start():
         trainer.fit(model)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the second phase trains, and from which gradient (issue 28): for the default CG phase and for any optimizer
+# ----------------------------------------------------------------------------------------------------------------
+
+#: The second phases these tests run: the default, CG with its strong Wolfe search, and a factory's L-BFGS.
+SECOND_PHASES = {
+    "default": None,
+    "strong-wolfe": {"line_search": "strong_wolfe"},
+    "lbfgs": lambda groups: torch.optim.LBFGS(groups, line_search_fn="strong_wolfe"),
+}
+
+
+def exact_gradient_norm_over(model: pl.LightningModule, dataset: TensorDataset, names: set[str]) -> float:
+    """The norm of the full training set's mean gradient with respect to the parameters ``names``."""
+    params = [p for name, p in model.named_parameters() if name in names]
+    inputs, labels = dataset.tensors
+    loss = model.training_step((inputs, labels), 0)
+    return float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).norm())
+
+
+class AllParametersMLP(LogisticRegressionMLP):
+    """Every parameter is in the optimizer from the start, whether it requires grad or not."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class SwitchRequiresGrad(pl.Callback):
+    """``net.0`` requires grad from epoch 2 on, ``net.2`` until epoch 2: switched after the swap (at epoch 1)."""
+
+    @staticmethod
+    def trainable(epoch: int) -> set[str]:
+        return {f"net.{layer}.{kind}" for layer in ((2,) if epoch < 2 else (0,) if epoch > 2 else (0, 2))
+                for kind in ("weight", "bias")}  # fmt: skip
+
+    def setup(self, trainer, pl_module, stage):
+        self.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        names = self.trainable(trainer.current_epoch)
+        for name, p in pl_module.named_parameters():
+            p.requires_grad_(name in names)
+
+
+@pytest.mark.parametrize("second_phase", list(SECOND_PHASES))
+def test_the_second_phase_trains_exactly_the_parameters_that_require_grad_at_each_iteration(second_phase):
+    model = AllParametersMLP()
+    starts = StartWeights()
+    callback = swap_at(1, optimizer=SECOND_PHASES[second_phase])
+    trainer = pl.Trainer(
+        callbacks=[SwitchRequiresGrad(), callback, starts], **trainer_kwargs(max_epochs=5, precision="64-true")
+    )
+    trainer.fit(model)  # with the strong Wolfe search this crashed once net.0 required grad
+    final = {k: v.clone() for k, v in model.state_dict().items()}
+    cg_checks = [record for record in callback.history if record["phase"] == "cg"]
+    assert len(cg_checks) == 4
+    dataset = TensorDataset(model.inputs, model.labels)
+    for epoch, record in zip(range(1, 5), cg_checks):
+        reference = AllParametersMLP().double()
+        reference.load_state_dict(starts.by_epoch[epoch])
+        # Each iteration starts from the exact gradient of the parameters that require grad then (net.0's included
+        # from epoch 2, although it was frozen when the phase was built).
+        expected = exact_gradient_norm_over(reference, dataset, SwitchRequiresGrad.trainable(epoch))
+        assert record["grad_norm"] == pytest.approx(expected, rel=1e-8), epoch
+    ends = {**{epoch - 1: weights for epoch, weights in starts.by_epoch.items() if epoch > 0}, 4: final}
+    for epoch in range(1, 5):
+        for name, value in starts.by_epoch[epoch].items():
+            moved = not torch.equal(ends[epoch][name], value)
+            # A frozen parameter does not move (net.2 from epoch 3, though the direction had trained it); others do.
+            assert moved == (name in SwitchRequiresGrad.trainable(epoch)), (epoch, name)
+
+
+class ClipsInItsHook(LogisticRegression):
+    """Clips its gradients itself, in configure_gradient_clipping (Lightning calls it whatever gradient_clip_val)."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1e-3)
+
+
+class ClipsBeforeTheStep(LogisticRegression):
+    """Clips its gradients itself, in on_before_optimizer_step."""
+
+    def on_before_optimizer_step(self, optimizer):
+        torch.nn.utils.clip_grad_norm_(self.parameters(), 1e-3)
+
+
+@pytest.mark.parametrize("second_phase", ["default", "lbfgs"])
+@pytest.mark.parametrize("module", [ClipsInItsHook, ClipsBeforeTheStep])
+def test_the_modules_own_clipping_does_not_change_the_gradient_the_second_phase_starts_from(module, second_phase):
+    model = module()
+    starts = StartWeights()
+    callback = swap_at(1, optimizer=SECOND_PHASES[second_phase])
+    pl.Trainer(callbacks=[callback, starts], **trainer_kwargs(max_epochs=3, precision="64-true")).fit(model)
+    cg_checks = [record for record in callback.history if record["phase"] == "cg"]
+    dataset = TensorDataset(model.inputs, model.labels)
+    for epoch, record in zip((1, 2), cg_checks):
+        reference = LogisticRegression().double()
+        reference.load_state_dict(starts.by_epoch[epoch])
+        # The exact, unclipped full-batch gradient (each batch's was clipped to norm 1e-3 by the module).
+        assert record["grad_norm"] == pytest.approx(exact_gradient_norm(reference, dataset), rel=1e-10)
+    assert cg_checks[0]["grad_norm"] > 1e-2  # far above what clipping each batch to 1e-3 leaves
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The first optimizer's parameter-group options at the swap (issue 28)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FrozenByLearningRate(TinyClassifier):
+    """The first layer is in its own group with lr=0: trained by nothing."""
+
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": self.net[0].parameters(), "lr": 0.0}, {"params": self.net[2].parameters()}]
+        return torch.optim.Adam(groups, lr=self.lr)
+
+
+def test_a_group_with_learning_rate_zero_does_not_move_in_the_second_phase():
+    model = FrozenByLearningRate()
+    starts = StartWeights()
+    fit(model, swap_at(1), starts, max_epochs=3)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, starts.by_epoch[0][name]) == name.startswith("net.0"), name
+
+
+class DecayedLogisticRegression(LogisticRegression):
+    """Logistic regression without its own penalty, regularised by the first optimizer's weight decay instead."""
+
+    def __init__(self, optimizer: type[torch.optim.Optimizer], weight_decay: float) -> None:
+        super().__init__(lr=0.05)
+        self.optimizer_class, self.weight_decay = optimizer, weight_decay
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(self.linear(inputs).squeeze(1), labels)
+
+    def configure_optimizers(self) -> Any:
+        return self.optimizer_class(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "second_phase"),
+    [(torch.optim.Adam, "default"), (torch.optim.AdamW, "default"), (torch.optim.AdamW, "lbfgs")],
+)
+def test_the_first_optimizers_weight_decay_is_part_of_the_second_phases_objective(optimizer, second_phase):
+    """Adam's (coupled, L2) decay: the second phase ends where ``g + wd w = 0``; AdamW's (decoupled): where AdamW's
+    steps would stop, ``g + wd (sqrt(v_hat) + eps) w = 0`` with AdamW's second moments at the swap."""
+    weight_decay = 0.05 if optimizer is torch.optim.Adam else 1.0
+    model = DecayedLogisticRegression(optimizer, weight_decay)
+    first = FirstOptimizer()
+    # The progress guard would call a converged run slow.
+    callback = swap_at(3, optimizer=SECOND_PHASES[second_phase], fallback=FallbackPolicy(progress_window=None))
+    pl.Trainer(callbacks=[callback, first], **trainer_kwargs(max_epochs=25, precision="64-true")).fit(model)
+    assert callback.phase == "cg"
+    model.zero_grad()
+    model.loss(model.inputs, model.labels).backward()
+    residuals, decays = [], []
+    for group in first.optimizer.param_groups:
+        for p in group["params"]:
+            coefficient = torch.full_like(p, weight_decay)
+            if optimizer is torch.optim.AdamW:
+                state = first.optimizer.state[p]  # as at the swap: the first optimizer has not stepped since
+                v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))
+                coefficient = weight_decay * (v_hat.sqrt() + group["eps"])
+            decays.append((coefficient * p.detach()).reshape(-1))
+            residuals.append((p.grad + coefficient * p.detach()).reshape(-1))
+    residual, decay = float(torch.cat(residuals).norm()), float(torch.cat(decays).norm())
+    assert decay > 1e-3  # the decay is no rounding error at this point
+    assert residual < 1e-3 * decay, (residual, decay)  # and the second phase reached the decayed problem's optimum
+
+
+class UnknownDecay(torch.optim.Optimizer):
+    """A first optimizer with a weight_decay option of unknown kind (plain gradient descent underneath)."""
+
+    def __init__(self, params: Any, lr: float = 0.05, weight_decay: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad + group["weight_decay"] * p, alpha=-group["lr"])
+        return loss
+
+
+def test_a_weight_decay_the_second_phase_cannot_express_is_named_at_the_swap():
+    model = DecayedLogisticRegression(UnknownDecay, 0.01)
+    with pytest.warns(UserWarning, match=r"UnknownDecay's weight_decay=0.01 of parameter group 0 is left out"):
+        fit(model, swap_at(1, optimizer={"preconditioner": "none"}), max_epochs=2, precision="64-true")

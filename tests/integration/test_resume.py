@@ -7,10 +7,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
 
 from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, Reason
 from tests.conftest import PeakingClassifier, swap_at, trainer_kwargs
+from tests.integration.test_cg_phase import LogisticRegressionMLP
 
 MAX_EPOCHS = 10
 
@@ -245,3 +246,84 @@ def test_after_a_fallback_with_the_papers_rule_a_resumed_run_measures_as_the_uni
     after_fallback = phases.index("fallback") + 1  # checkpoint names count epochs from 0
     resumed = fit_to_the_end(tmp_path / "resumed", str(tmp_path / "uninterrupted" / f"epoch={after_fallback - 1}.ckpt"))
     assert resumed.history == reference.history
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A layer unfrozen after the swap (BaseFinetuning), then resume (issue 28)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class UnfreezeFromEpoch2(BaseFinetuning):
+    """Unfreezes ``net.0`` into a new parameter group at epoch 2 (after the swap). BaseFinetuning freezes it again when
+    a run resumes (Lightning issue 21901); this one makes it trainable again at every later epoch, so that the first
+    optimizer alone resumes exactly, and the CG phase can be held to that."""
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(pl_module.net[0])
+
+    def finetune_function(self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if epoch == 2:
+            self.unfreeze_and_add_param_group(pl_module.net[0], optimizer)
+        elif epoch > 2:
+            self.make_trainable(pl_module.net[0])
+
+
+def run_finetuning(directory: Path, order: str, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
+    """6 epochs with ``UnfreezeFromEpoch2`` and the swap at epoch 1, the swap listed first or second, or without it
+    (``"adam alone"``); checkpoints at every epoch's end; the final weights."""
+    model = LogisticRegressionMLP()
+    finetuning, swap = UnfreezeFromEpoch2(), swap_at(1)
+    callbacks = {"swap first": [swap, finetuning], "swap second": [finetuning, swap], "adam alone": [finetuning]}[order]
+    checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(
+        callbacks=[*callbacks, checkpoints],
+        **trainer_kwargs(max_epochs=6, enable_checkpointing=True, precision="64-true"),
+    )
+    trainer.fit(model, ckpt_path=ckpt_path)
+    if order != "adam alone":
+        assert swap.swap_epoch == 1 and isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
+        assert len(trainer.optimizers[0].param_groups) == 2
+    return {name: value.clone() for name, value in model.state_dict().items()}
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+@pytest.mark.parametrize("order", ["swap first", "swap second"])
+def test_a_checkpoint_written_after_a_layer_was_unfrozen_in_the_cg_phase_resumes_to_the_uninterrupted_run(
+    tmp_path, order
+):
+    # Adam alone resumes such a checkpoint to its uninterrupted run's weights: the CG phase must too.
+    adam = run_finetuning(tmp_path / "adam", "adam alone")
+    adam_resumed = run_finetuning(tmp_path / "adam-resumed", "adam alone", str(tmp_path / "adam" / "epoch=2.ckpt"))
+    adams_gap = largest_difference(adam_resumed, adam)
+    uninterrupted = run_finetuning(tmp_path / "full", order)
+    # Written at the end of epoch 2, in which net.0 joined the CG phase as a second parameter group.
+    resumed = run_finetuning(tmp_path / "resumed", order, str(tmp_path / "full" / "epoch=2.ckpt"))
+    # Both resume to their uninterrupted runs up to float64 rounding (measured: 7e-9 and 3e-8).
+    assert adams_gap < 1e-7 and largest_difference(resumed, uninterrupted) < 1e-7
+    assert largest_difference(uninterrupted, adam) > 1e-3  # the CG phase did train: the runs differ from Adam's
+
+
+def test_a_checkpoint_written_while_a_swap_waits_for_the_epochs_end_resumes_and_swaps_there(tmp_path):
+    from tests.integration.test_callback import SwapFromStep
+
+    def run(directory: Path, ckpt_path: str | None = None) -> tuple[ConvexitySwapCallback, pl.Trainer]:
+        # The swap is decided at step 12, within epoch 1 (steps 9 to 16); a checkpoint is written at step 14.
+        callback = ConvexitySwapCallback(detector=SwapFromStep(12), swap_epoch=None, check_every_n_steps=4)
+        checkpoints = ModelCheckpoint(dirpath=directory, filename="{step}", save_top_k=-1, every_n_train_steps=14)
+        trainer = pl.Trainer(
+            callbacks=[callback, checkpoints], **trainer_kwargs(max_epochs=4, enable_checkpointing=True)
+        )
+        trainer.fit(PeakingClassifier(), ckpt_path=ckpt_path)
+        return callback, trainer
+
+    reference, _ = run(tmp_path / "full")
+    assert (reference.swap_epoch, reference.swap_step) == (2, 16)
+    with pytest.warns(UserWarning, match="resuming from a mid-epoch checkpoint|not resumable"):
+        resumed, trainer = run(tmp_path / "resumed", str(tmp_path / "full" / "step=14.ckpt"))
+    # The checkpoint holds the first optimizer's state (it still trained): resumed, the swap comes at the epoch's end.
+    assert (resumed.swap_epoch, resumed.swap_step) == (2, 16)
+    assert isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
+    assert trainer.optimizers[0].optimizer.totals["iterations"] == 2
