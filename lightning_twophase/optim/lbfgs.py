@@ -68,7 +68,8 @@ class LBFGS(Optimizer):
         history_size: how many ``(s, y)`` pairs the inverse-Hessian approximation remembers.
         max_evals: bound on closure calls per line search.
         tolerance_grad: stop (no move) when the gradient norm ``sqrt(g . D g)`` is at most this.
-        tolerance_change: stop iterating within a ``step()`` call when the loss changes by less than this.
+        tolerance_change: stop iterating within a ``step()`` call when the loss changes by less than this, or the step's
+            length is at most this (torch's rules and defaults: a converged phase spends no more compute).
         c1: sufficient-decrease constant of the strong Wolfe conditions.
         c2: curvature constant (``0.9``, the usual choice for quasi-Newton methods: the unit step is mostly accepted).
         value_tolerance: Hager and Zhang's approximate Wolfe tolerance (see
@@ -101,8 +102,8 @@ class LBFGS(Optimizer):
         max_iter: int = 20,
         history_size: int = 20,
         max_evals: int = 25,
-        tolerance_grad: float = 1e-10,
-        tolerance_change: float = 1e-12,
+        tolerance_grad: float = 1e-7,
+        tolerance_change: float = 1e-9,
         c1: float = 1e-4,
         c2: float = 0.9,
         value_tolerance: float = 1e-6,
@@ -329,7 +330,8 @@ class LBFGS(Optimizer):
                 gradient_evals += 1
             new_grad = _flat(_gradients(params))
             self._remember(state, direction.mul_(result.step), new_grad.sub(grad))
-            converged = abs(result.value - value0) < options["tolerance_change"]
+            moved = math.sqrt(self._dot(direction, direction))  # the step t d: the same on every rank
+            converged = abs(result.value - value0) < options["tolerance_change"] or moved <= options["tolerance_change"]
             value0, grad = result.value, new_grad
             if converged:
                 break
