@@ -81,8 +81,10 @@ DEFAULT_CG_OPTIONS: dict[str, Any] = {
     "preconditioner": SECOND_MOMENTS,
 }
 #: The default second phase (``optimizer="lbfgs"``): L-BFGS with up to 20 iterations per epoch on the kept batches, its
-#: initial inverse Hessian in the first optimizer's geometry (``benchmarks/practice.py``, ``benchmarks/swap_study.py``).
-DEFAULT_LBFGS_OPTIONS: dict[str, Any] = {"max_iter": 20, "history_size": 20, "preconditioner": SECOND_MOMENTS}
+#: initial inverse Hessian scaled by the latest pair alone. Adam's second moments as its diagonal
+#: (``"preconditioner": "second_moments"``) paid 1.7x on the regression case but held the README's digits ViT at its
+#: 8.4e-5 plateau where plain L-BFGS went on to 7.4e-11 (from the same Adam weights; ``docs/benchmarks.md``).
+DEFAULT_LBFGS_OPTIONS: dict[str, Any] = {"max_iter": 20, "history_size": 20, "preconditioner": NO_PRECONDITIONER}
 #: The second phases by name: the optimizer class and its default options.
 SECOND_PHASES: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
     "lbfgs": (LBFGS, DEFAULT_LBFGS_OPTIONS),

@@ -61,10 +61,11 @@ def test_flags_epochs_and_instances():
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_the_default_is_the_plateau_rule_with_the_preconditioned_cg_phase_and_the_guard():
+def test_the_default_is_the_plateau_rule_with_plain_lbfgs_and_the_fallback():
     callback = ConvexitySwapCallback()
     assert isinstance(callback.detector, PlateauDetector)
-    assert callback._config.preconditioner == "second_moments"
+    assert callback._config.preconditioner == "none"
+    assert ConvexitySwapCallback(optimizer="cg")._config.preconditioner == "second_moments"
     assert isinstance(callback._config.fallback, FallbackPolicy) and callback._config.fall_back
     assert isinstance(ConvexitySwapCallback(detector="paper").detector, GradientNormPeakDetector)
     assert ConvexitySwapCallback(detector=None, swap_epoch=0.3).detector is None
@@ -137,7 +138,7 @@ def test_the_optimizer_argument_takes_a_name_its_options_or_a_factory():
         return [{"params": [torch.zeros(2, requires_grad=True)]}]
 
     default = ConvexitySwapCallback()._config
-    assert isinstance(default.build_optimizer(groups()), LBFGS) and default.preconditioner == "second_moments"
+    assert isinstance(default.build_optimizer(groups()), LBFGS) and default.preconditioner == "none"
     assert default.build_optimizer(groups()).defaults["max_iter"] == 20
     callback = ConvexitySwapCallback(optimizer={"name": "cg", "beta": "pr+", "preconditioner": "none"})
     assert callback._config.preconditioner == "none"
