@@ -141,11 +141,12 @@ class _MacroBatchOptimizer(Optimizer):
                 "The CG phase's optimizer needs the training loop's closure (forward and backward of the batch)."
             )
         batch, batch_idx, last_in_epoch = self._current_batch()
-        state = self.objective.snapshot_state()  # the module's data as the loop's pass of this batch finds it
+        # The batch (copied: training_step may change it), the module's data and the step as the loop's pass finds them.
+        state = self.objective.snapshot_state(batch)
         with self.objective.seeded(len(self.objective)), self._loop_pass():
             loss = closure()
         if loss is not None:
-            size = self.objective.add(batch, batch_idx, state)
+            size = self.objective.add(state.batch, batch_idx, state)
             self._accumulate(loss, size)
             self._finite.append((batch_idx, torch.isfinite(loss.detach())))
         full = self.batches_per_step is not None and len(self.objective) >= self.batches_per_step

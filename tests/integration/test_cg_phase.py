@@ -715,3 +715,193 @@ def test_an_optimizer_factory_never_steps_from_a_non_finite_start():
         trainer.fit(model)
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The contract of trial evaluations: each kept batch as the loop's pass of that batch saw it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ChangesItsBatch(TinyClassifier):
+    """Rescales its inputs in the batch it is given: in place (a tensor batch), or by replacing an entry of a dict
+    batch."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def train_dataloader(self) -> DataLoader:
+        data = blobs(self.samples, self.features, self.classes)
+        if self.how == "in-place":
+            return DataLoader(data, batch_size=self.batch_size)
+        pairs = [{"x": x, "y": y} for x, y in data]
+        return DataLoader(pairs, batch_size=self.batch_size)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.how == "in-place":
+            inputs, labels = batch
+            inputs.div_(2)
+        else:
+            batch["x"] = batch["x"] / 2
+            inputs, labels = batch["x"], batch["y"]
+        return nn.functional.cross_entropy(self(inputs), labels)
+
+
+@pytest.mark.parametrize("how", ["in-place", "dict-entry"])
+def test_trial_evaluations_see_the_batch_as_the_loops_pass_saw_it(how):
+    SpyConjugateGradient.records = []
+    callback = swap_at(1, optimizer=spy_factory)
+    trainer = fit(ChangesItsBatch(how), callback, max_epochs=4)
+    assert len(SpyConjugateGradient.records) == 3
+    for record in SpyConjugateGradient.records:
+        # Every evaluation at the start point is the loop's own loss: the batch was not halved again.
+        assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-6)
+        assert record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+    assert callback.phase == "cg"
+    assert trainer.optimizers[0].optimizer.totals["line_search_failures"] == 0
+
+
+class CarriesAState(TinyClassifier):
+    """Carries a state from one step to the next that is part of the loss: in a plain attribute, or in a registered
+    buffer (reassigned, or updated in place); and keeps an average of its loss in a buffer it only logs."""
+
+    def __init__(self, where: str, guarded: bool = False) -> None:
+        super().__init__()
+        self.where, self.guarded = where, guarded
+        if where == "attribute":
+            self.carried = torch.zeros(3)
+        else:
+            self.register_buffer("carried", torch.zeros(3))
+        self.register_buffer("average", torch.zeros(()))
+        self.averages: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        inputs, labels = batch
+        logits = self(inputs) + self.carried
+        loss = nn.functional.cross_entropy(logits, labels)
+        if not (self.guarded and is_trial_evaluation()):
+            if self.where == "buffer, in place":
+                self.carried.mul_(0.5).add_(0.5 * logits.detach().mean(dim=0))
+            else:
+                self.carried = 0.5 * self.carried + 0.5 * logits.detach().mean(dim=0)
+            self.average = 0.9 * self.average + 0.1 * loss.detach()
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.averages.append(float(self.average))
+
+
+@pytest.mark.parametrize("where", ["buffer", "buffer, in place"])
+def test_a_state_carried_in_a_buffer_is_put_back_for_each_batch_as_in_an_attribute(where):
+    results = []
+    for model in (CarriesAState(where), CarriesAState("attribute"), CarriesAState(where, guarded=True)):
+        SpyConjugateGradient.records = []
+        fit(model, swap_at(1, optimizer=spy_factory), max_epochs=4)
+        for record in SpyConjugateGradient.records:
+            assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-6)
+            assert record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+        results.append((weights(model), model.averages, model.carried.clone()))
+    (buffer, averages, carried), (attribute, _, attribute_carried), (guarded, guarded_averages, _) = results
+    # The same run as with the state in an attribute, and as a model that skips its changes at trial points.
+    for a, b, c in zip(buffer, attribute, guarded):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(carried, attribute_carried)
+    assert averages == guarded_averages
+
+
+class ReadOnlyTable:
+    """A large read-only lookup table with its own copy protocol, which counts how often it is copied."""
+
+    copies = 0
+
+    def __init__(self) -> None:
+        self.entries = {index: float(index) for index in range(100_000)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        ReadOnlyTable.copies += 1
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def test_an_unchanged_attribute_with_its_own_copy_protocol_is_never_copied():
+    ReadOnlyTable.copies = 0
+    model = TinyClassifier()
+    model.table = table = ReadOnlyTable()
+    callback = swap_at(1)
+    fit(model, callback, max_epochs=3)
+    assert callback.phase == "cg"
+    assert ReadOnlyTable.copies == 0 and model.table is table and len(table.entries) == 100_000
+
+
+class KeepsMetrics(TinyClassifier):
+    """Updates torchmetrics in training_step: a running mean over a window of 12 steps (a wrapper around a mean
+    metric) and a collection of two metrics sharing their states (a compute group)."""
+
+    def __init__(self, guarded: bool = False) -> None:
+        super().__init__()
+        torchmetrics = pytest.importorskip("torchmetrics")
+        self.guarded = guarded
+        self.running = torchmetrics.aggregation.RunningMean(window=12)
+        self.collection = torchmetrics.MetricCollection(
+            {"mean": torchmetrics.MeanMetric(), "sum": torchmetrics.SumMetric()}
+        )
+        self.values: list[tuple[float, ...]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        loss = super().training_step(batch, batch_idx)
+        if not (self.guarded and is_trial_evaluation()):
+            self.running.update(loss.detach())
+            self.collection.update(loss.detach())
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        collection = self.collection.compute()
+        self.values.append((float(self.running.compute()), float(collection["mean"]), float(collection["sum"])))
+        self.collection.reset()
+
+
+def test_metric_states_are_put_back_whole_wrappers_and_counters_included():
+    results = []
+    for guarded in (False, True):
+        model = KeepsMetrics(guarded)
+        fit(model, swap_at(1), max_epochs=4)
+        results.append((model.values, weights(model)))
+    (values, unguarded), (guarded_values, guarded) = results
+    assert values == guarded_values
+    assert all(torch.equal(a, b) for a, b in zip(unguarded, guarded))
+
+
+STEPS_SEEN: list[tuple[int, int, int, bool]] = []
+
+
+class WarmsUpByStep(TinyClassifier):
+    """A loss term weighted by a warm-up over the global step (as a KL warm-up), recording the step each evaluation
+    of each batch sees."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        STEPS_SEEN.append((self.current_epoch, batch_idx, self.global_step, is_trial_evaluation()))
+        inputs, labels = batch
+        logits = self(inputs)
+        warm_up = 10 * min(1.0, self.global_step / 40)
+        return nn.functional.cross_entropy(logits, labels) + warm_up * logits.pow(2).mean()
+
+
+def test_trial_evaluations_see_the_global_step_of_the_batchs_loop_pass():
+    SpyConjugateGradient.records = []
+    STEPS_SEEN.clear()
+    trainer = fit(WarmsUpByStep(), swap_at(1, optimizer=spy_factory), max_epochs=4)
+    for record in SpyConjugateGradient.records:
+        assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-6)
+        assert record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+    loop = {(epoch, index): step for epoch, index, step, trial in STEPS_SEEN if not trial}
+    trials = [(epoch, index, step) for epoch, index, step, trial in STEPS_SEEN if trial]
+    assert trials and all(step == loop[epoch, index] for epoch, index, step in trials)
+    assert trainer.global_step == 4 * 8  # the loop's count goes on as it was
