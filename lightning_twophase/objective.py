@@ -199,9 +199,10 @@ class TrainingObjective:
         ``max_device_bytes`` (with a warning): its trial evaluations then go on from the module's data the previous
         batch's evaluation left, as the training loop's pass did.
         """
-        fits = not self._batches or self._states_fit
-        state = TrialState.capture(self.module if fits else None, self._counter, batch, self._reuse)
-        if self._batches and fits and self._device_bytes + self._state_bytes + state.nbytes > self.max_device_bytes:
+        if self._batches and not self._states_fit:
+            return TrialState(self._counter, batch)
+        state = TrialState.capture(self.module, self._counter, batch, self._reuse)
+        if self._batches and self._device_bytes + self._state_bytes + state.nbytes > self.max_device_bytes:
             self._states_fit = False
             if not self._warned_states:
                 self._warned_states = True
@@ -271,9 +272,9 @@ class TrainingObjective:
         if problem not in self._reported:  # once each
             self._reported.add(problem)
             self.warn(
-                f"ConvexitySwapCallback: {problem} by training_step, which trial evaluations of the CG phase cannot "
-                "put back: they see it as it is, not as the loop's pass of each batch saw it. Skip that change at "
-                "trial points with `lightning_twophase.is_trial_evaluation()`."
+                f"ConvexitySwapCallback: the module's attribute {problem}, which trial evaluations of the CG phase "
+                "cannot put back: they see it as it is, not as the training loop's pass of each kept batch saw it. "
+                "Skip that change at trial points with `lightning_twophase.is_trial_evaluation()`."
             )
 
     def value(self) -> Tensor:

@@ -905,3 +905,32 @@ def test_trial_evaluations_see_the_global_step_of_the_batchs_loop_pass():
     trials = [(epoch, index, step) for epoch, index, step, trial in STEPS_SEEN if trial]
     assert trials and all(step == loop[epoch, index] for epoch, index, step in trials)
     assert trainer.global_step == 4 * 8  # the loop's count goes on as it was
+
+
+class CountsPrivately(TinyClassifier):
+    """Changes what trial evaluations cannot put back: a private counter, and a large tensor changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls = 0
+        self.histogram = torch.zeros(5 * 1024**2)  # 20 MiB: kept by reference
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._calls += 1
+        self.histogram[batch_idx] += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_what_trial_evaluations_cannot_put_back_is_named_with_the_way_to_skip_it(recwarn):
+    model = CountsPrivately()
+    fit(model, swap_at(1), max_epochs=3)
+    said = [str(w.message) for w in recwarn if "cannot put back" in str(w.message)]
+    assert len(said) == 2  # once each
+    assert all("is_trial_evaluation()" in message for message in said)
+    assert "`_calls`" in said[0] and "`histogram`" in said[1] and "changed in place" in said[1]
+
+
+def test_a_model_whose_data_is_all_put_back_gets_no_such_warning(recwarn):
+    fit(KeepsMetrics(), swap_at(1), max_epochs=3)
+    fit(KeepsNestedState(), swap_at(1), max_epochs=3)
+    assert not [w for w in recwarn if "cannot put back" in str(w.message)]

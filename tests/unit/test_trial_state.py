@@ -253,7 +253,7 @@ def test_a_growing_list_of_tensors_shares_the_elements_it_already_had():
 
 def test_the_batch_is_kept_as_the_loop_saw_it_and_each_evaluation_gets_one_it_may_change():
     inputs, labels = torch.ones(4, 2), torch.zeros(4)
-    in_place = TrialState.capture(None, batch=(inputs, labels))
+    in_place = TrialState(None, batch=(inputs, labels))
     inputs.div_(2)  # the loop's pass, in place
     assert in_place.passed() == []
     for _ in range(2):
@@ -261,7 +261,7 @@ def test_the_batch_is_kept_as_the_loop_saw_it_and_each_evaluation_gets_one_it_ma
         assert torch.equal(batch[0], torch.ones(4, 2))
         batch[0].div_(2)  # the evaluation, as the loop's pass did
     loop_batch = {"x": torch.ones(4, 2)}
-    entry = TrialState.capture(None, batch=loop_batch)
+    entry = TrialState(None, batch=loop_batch)
     loop_batch["x"] = loop_batch["x"] / 2
     entry.passed()
     for _ in range(2):
@@ -282,3 +282,15 @@ def test_the_step_is_put_back_and_kept_restores_everything_on_leaving():
         assert steps[0] == 7
         change_everything(module)
     assert steps[0] == 9 and module.child.count == 0 and not reported
+
+
+def test_private_attributes_are_not_saved_and_a_pass_that_changes_them_is_told():
+    module = Parent()
+    module._calls = 0
+    state = TrialState.capture(module)
+    module._calls += 1  # rebound
+    module.child._cache = {}  # added
+    problems = state.passed()
+    assert len(problems) == 2 and "`_calls`" in problems[0] and "`child._cache`" in problems[1]
+    state.restore()
+    assert module._calls == 1  # not put back
