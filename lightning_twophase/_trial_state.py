@@ -196,9 +196,8 @@ class _Capture:
     def follows_weights(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` is a parameter, or shares one's memory or a buffer's: it is not put back."""
         if self._storages is None:
-            module = self.module
-            self._storages = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
-        return isinstance(tensor, nn.Parameter) or tensor.untyped_storage().data_ptr() in self._storages
+            self._storages = {_storage(t) for t in [*self.module.parameters(), *self.module.buffers()]}
+        return isinstance(tensor, nn.Parameter) or _storage(tensor) in self._storages
 
     def save(self, value: Any, path: tuple, owned: bool = False) -> Any:
         """The saved form of ``value`` (``owned``: a buffer or a metric's state); ``None`` if it is kept as it is."""
@@ -234,15 +233,26 @@ class _Capture:
         return None if node.contents is None and not node.children else node  # a tuple of immutable values
 
 
-def _attributes(owner: nn.Module) -> Iterator[tuple[str, Any, bool]]:
+def _storage(tensor: Tensor) -> int:
+    try:
+        return tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, meta)
+        return -id(tensor)
+
+
+def _attributes(owner: nn.Module) -> list[tuple[str, Any, bool]]:
     """The saved attributes of ``owner``, and whether each is a metric's state: the public ones that are not methods;
     of a torchmetrics metric also its states, and its counters and caches (private numbers, tensors, ``None``)."""
-    metric = isinstance(owner, _METRIC)
-    states = owner._defaults if metric else {}
-    for name, value in list(vars(owner).items()):
-        numbers = metric and name not in _MODULE_INTERNALS and (type(value) in _ATOMS or isinstance(value, Tensor))
-        if _public(name, value) or name in states or numbers:
-            yield name, value, name in states
+    if not isinstance(owner, _METRIC):
+        return [(n, v, False) for n, v in vars(owner).items() if n[0] != "_" and n != "training" and not callable(v)]
+    states = owner._defaults
+    return [
+        (name, value, name in states)
+        for name, value in vars(owner).items()
+        if _public(name, value)
+        or name in states
+        or (name not in _MODULE_INTERNALS and (type(value) in _ATOMS or isinstance(value, Tensor)))
+    ]
 
 
 def _public(name: str, value: Any) -> bool:
@@ -265,7 +275,7 @@ class TrialState:
     """The batch, the module's data and the ``global_step`` as a training loop's pass finds them (see the module).
 
     Attributes:
-        batch: a copy of the batch taken before the pass (``None`` if the capture got none).
+        batch: a copy of the batch taken before the pass (``None`` if none was given, or once the objective keeps it).
         nbytes: the memory of what is saved, beyond what is shared with earlier captures.
 
     """
@@ -276,7 +286,7 @@ class TrialState:
         self.batch = _copy_batch(batch, self._loop_tensors) if batch is not None else None
         self.nbytes = 0
         self._batch_changed = False
-        self._owners: list[tuple[nn.Module, list[tuple[str, Any, Any, bool]], frozenset[str]]] = []
+        self._owners: list[tuple[nn.Module, list[tuple[str, Any, Any, bool]], Any]] = []
         self._unsaved: list[_Tensor] = []
         self._private: list[tuple[nn.Module, str, dict[str, Any]]] = []  # not saved: only their changes are seen
 
@@ -297,11 +307,9 @@ class TrialState:
                 for name, buffer in owner._buffers.items()
                 if buffer is not None
             ]
-            state._owners.append((owner, entries, frozenset(name for name, *_ in entries)))
+            state._owners.append((owner, entries, vars(owner).keys() | ()))  # the names it had
             if not isinstance(owner, _METRIC):
-                private = {
-                    name: v for name, v in vars(owner).items() if name[0] == "_" and name not in _MODULE_INTERNALS
-                }
+                private = {name: v for name, v in vars(owner).items() if name[0] == "_"}
                 state._private.append((owner, prefix, private))
         if reuse is not None:
             reuse.update(capture.saved)
@@ -322,7 +330,7 @@ class TrialState:
             f"{prefix}.{name}" if prefix else name
             for owner, prefix, private in self._private
             for name, value in vars(owner).items()
-            if name[0] == "_" and name not in _MODULE_INTERNALS and private.get(name, self) is not value
+            if name[0] == "_" and private.get(name, self) is not value and name not in _MODULE_INTERNALS
         ]
         self._private = []
         return [f"`{name}` (whose name starts with `_`: not saved) was changed" for name in changed] + self._problems()
@@ -339,7 +347,7 @@ class TrialState:
         memo: dict[int, Any] = {}
         for owner, entries, names in self._owners:
             attributes = vars(owner)
-            for name in [n for n, value in attributes.items() if n not in names and _public(n, value)]:
+            for name in [name for name in attributes.keys() - names if _public(name, attributes[name])]:
                 del attributes[name]  # added since
             for name, value, node, is_buffer in entries:
                 restored = value if node is None else node.restore(memo)

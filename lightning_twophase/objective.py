@@ -225,6 +225,7 @@ class TrainingObjective:
         nbytes = batch_nbytes(batch)
         if state is not None:
             self._state_bytes += state.nbytes
+            state.batch = None  # the batch is kept below, where it waits (on the device or not)
             for problem in state.passed():
                 self._report(problem)
         on_device = self._device_bytes + self._state_bytes + nbytes <= self.max_device_bytes
