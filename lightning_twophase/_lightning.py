@@ -6,7 +6,7 @@ that changes one fails loudly there instead of silently elsewhere.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from types import MethodType
@@ -26,6 +26,7 @@ __all__ = [
     "TrainerSettings",
     "backward_sync_blocked",
     "batches_left_in_epoch",
+    "global_step_counter",
     "grad_scaler",
     "is_last_batch",
     "logging_suppressed",
@@ -117,6 +118,21 @@ def logging_suppressed(pl_module: pl.LightningModule) -> Iterator[None]:
                 object.__setattr__(pl_module, name, saved[name])
             else:
                 object.__delattr__(pl_module, name)
+
+
+def global_step_counter(trainer: pl.Trainer) -> tuple[Callable[[], int], Callable[[int], None]]:
+    """Read and write the ``global_step`` that ``training_step`` reads (``trainer.global_step``, ``self.global_step``).
+
+    Under automatic optimization Lightning keeps it nowhere else than in the training loop's progress tracking: the
+    count of completed optimizer steps (``optim_progress.optimizer.step.total.completed``), which it increments after
+    each optimizer step. Written while a step runs (the CG phase's line search runs inside the last batch's step), the
+    value is read by ``training_step`` until it is written back before the step ends.
+    """
+
+    def write(step: int) -> None:
+        trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = step
+
+    return (lambda: trainer.global_step), write
 
 
 def scheduler_configs(scheduler: Any) -> list[LRSchedulerConfig]:

@@ -194,7 +194,8 @@ class _MacroBatchOptimizer(Optimizer):
         for p in requiring:
             if p not in self._hooks:
                 self._hooks[p] = p.register_post_accumulate_grad_hook(self._take_gradient)
-        state = self.objective.snapshot_state()  # the module's data as the loop's pass of this batch finds it
+        # The batch (copied: training_step may change it), the module's data and the step as the loop's pass finds them.
+        state = self.objective.snapshot_state(batch)
         self._size = extract_batch_size(batch)
         try:
             with self.objective.seeded(len(self.objective)), self._loop_pass():
@@ -202,7 +203,7 @@ class _MacroBatchOptimizer(Optimizer):
         finally:
             self._size = 0
         if loss is not None:
-            size = self.objective.add(batch, batch_idx, state)
+            size = self.objective.add(state.batch, batch_idx, state)
             weighted = loss.detach().double() * size
             self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
             self._finite.append((batch_idx, torch.isfinite(loss.detach())))

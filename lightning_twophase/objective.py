@@ -8,11 +8,10 @@ other randomness in ``training_step`` repeat too.
 
 Python's ``random`` and numpy's global generator are seeded the same way.
 
-Trial evaluations leave no trace: ``self.log`` is silenced, module buffers (batch-norm statistics) and torchmetrics
-states are restored afterwards, and so is the data in the attributes of the module and its submodules
-(:class:`~lightning_twophase.module_state.ModuleState`: a list ``training_step`` appends to, a state it carries from
-one step to the next, a child module's counter): each trial evaluation of a batch starts from the data the training
-loop's pass of that batch saw. :func:`is_trial_evaluation` tells user code which evaluation it is in. DDP's gradient
+Trial evaluations leave no trace: ``self.log`` is silenced, and each trial evaluation of a batch sees the batch, the
+module's buffers, attributes, metric states and random streams, and the ``global_step`` as the training loop's pass of
+that batch saw them (the contract and its limits: :mod:`lightning_twophase._trial_state`); afterwards the module is as
+the loop left it. :func:`is_trial_evaluation` tells user code which evaluation it is in. DDP's gradient
 hooks are not involved (gradients come from ``torch.autograd.grad``, or from ``backward()`` outside DDP's forward
 where a model needs it: reentrant activation checkpointing), and under data parallelism the objective and its
 gradient are the mean over every sample of every rank, whatever the shard sizes. Under ``precision="16-mixed"`` with a
@@ -43,9 +42,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 
-from lightning_twophase._lightning import grad_scaler, logging_suppressed
+from lightning_twophase._lightning import global_step_counter, grad_scaler, logging_suppressed
 from lightning_twophase._scaling import LossScaling
-from lightning_twophase.module_state import ModuleState, module_kept
+from lightning_twophase._trial_state import StepCounter, TrialState, kept
 from lightning_twophase.optim.distributed import all_reduce_sum_, is_distributed, reduce_decision_scalars
 
 __all__ = [
@@ -75,8 +74,8 @@ def is_trial_evaluation() -> bool:
                 self.training_step_outputs.append(loss.detach())
             return loss
 
-    (The data in the module's attributes is restored after trial evaluations anyway, with the limits named in
-    :mod:`lightning_twophase.module_state`; this is for effects elsewhere, and for data beyond those limits.)
+    (The module's data is put back for trial evaluations anyway, with the limits named in
+    :mod:`lightning_twophase._trial_state`; this is for effects elsewhere, and for data beyond those limits.)
     """
     return _in_trial.get()
 
@@ -121,13 +120,15 @@ class TrainingObjective:
         rank: this process's rank (part of the per-batch seeds).
         max_device_bytes: batches, with the module's data saved for them (:meth:`snapshot_state`), stay on the device
             within this bound; the rest wait in host memory and are copied back for each evaluation.
+        step_counter: reads and writes the training loop's ``global_step`` (each batch's trial evaluations run at
+            the step of its loop pass); ``None``: no step to keep.
         seed: base of the per-batch random seeds.
         quiet: a context manager factory under which trial evaluations run (``self.log`` silenced, for instance).
         trial_batching: forward-only evaluations go through the kept batches ``"batches"`` one by one, as the loop
             did, or ``"chunks"`` joined into one (fewer, larger calls); ``"auto"`` tries both at the first evaluation
             and keeps chunks where they give the same value to ``1e-6`` and raise nothing (leaving no trace).
         inform: told which batching ``"auto"`` chose and why, and when gradients need ``backward()``.
-        warn: told of the module's data that cannot be saved or put back.
+        warn: told of the module's data that cannot be put back.
         scaling: the loss scaling of gradient evaluations (16-mixed with a GradScaler); ``None``: none.
 
     """
@@ -148,6 +149,7 @@ class TrainingObjective:
         inform: Callable[[str], None] = lambda message: None,
         warn: Callable[[str], None] = warnings.warn,
         scaling: LossScaling | None = None,
+        step_counter: StepCounter | None = None,
     ) -> None:
         if trial_batching not in TRIAL_BATCHING:
             raise ValueError(f"`trial_batching` must be one of {TRIAL_BATCHING}, got {trial_batching!r}.")
@@ -164,15 +166,17 @@ class TrainingObjective:
         self.inform = inform
         self.warn = warn
         self.scaling = scaling
+        self._counter = step_counter
         self._gradients = _Gradients(self.params, module, scaling, inform)
         self.iteration = 0
-        # (batch, batch_idx, size, on_device, the module's data before the loop's pass of the batch)
-        self._batches: list[tuple[Any, int, int, bool, ModuleState | None]] = []
+        # (batch, batch_idx, size, on_device, what the loop's pass of the batch found: TrialState)
+        self._batches: list[tuple[Any, int, int, bool, TrialState | None]] = []
         self._device_bytes = 0
         self._state_bytes = 0
-        self._last_state: ModuleState | None = None
+        self._reuse: dict[int, Any] = {}  # the module's data saved for this iteration, shared where unchanged
         self._states_fit = True
         self._warned_states = False
+        self._reported: set[str] = set()
         self._start_loss: float | None = None
         self._chunk: Any = None  # the kept device batches joined, for trial_batching="chunks" (made once per iteration)
         #: Samples passed forward and backward by trial evaluations, over all ranks (for compute accounting).
@@ -187,23 +191,18 @@ class TrainingObjective:
     def __len__(self) -> int:
         return len(self._batches)
 
-    def snapshot_state(self) -> ModuleState | None:
-        """The module's data now, before the training loop's pass of the next batch, for :meth:`add`.
+    def snapshot_state(self, batch: Any = None) -> TrialState:
+        """What the training loop's pass of the next batch finds, for :meth:`add`: a copy of ``batch`` (if given), the
+        module's data and the ``global_step`` (:class:`~lightning_twophase._trial_state.TrialState`).
 
-        Unchanged attributes are shared with the previous batch's snapshot. The first batch of an iteration always gets
-        one; a later batch gets ``None`` once the snapshots and the batches on the device would exceed
-        ``max_device_bytes`` (with a warning): its trial evaluations then go on from the data the previous batch's
-        evaluation left, as the training loop's pass did.
+        The module's data unchanged since the previous batch is shared with it. The first batch of an iteration always
+        gets its module data saved; a later batch does not once that data and the batches on the device would exceed
+        ``max_device_bytes`` (with a warning): its trial evaluations then go on from the module's data the previous
+        batch's evaluation left, as the training loop's pass did.
         """
         if self._batches and not self._states_fit:
-            return None
-        state = ModuleState.capture(self.module, previous=self._last_state)
-        if state.notes:
-            self.warn(
-                "ConvexitySwapCallback: trial evaluations cannot put back these attributes of the module, which "
-                f"could not be copied: {'; '.join(state.notes)}. If training_step changes them, skip that at trial "
-                "points with `lightning_twophase.is_trial_evaluation()`."
-            )
+            return TrialState(self._counter, batch)
+        state = TrialState.capture(self.module, self._counter, batch, self._reuse)
         if self._batches and self._device_bytes + self._state_bytes + state.nbytes > self.max_device_bytes:
             self._states_fit = False
             if not self._warned_states:
@@ -213,20 +212,23 @@ class TrainingObjective:
                     f"for this one, {self._state_bytes} so far) exceeds max_cached_bytes={self.max_device_bytes}: "
                     f"from batch {len(self._batches)} of this iteration on, trial evaluations go on from the data the "
                     "previous batch's evaluation left instead of the data the training loop's pass saw. Raise "
-                    "max_cached_bytes, or keep large data out of the module's attributes, or leave it unchanged at "
-                    "trial points with `lightning_twophase.is_trial_evaluation()`."
+                    "max_cached_bytes, or keep large data out of the module's attributes and buffers, or leave it "
+                    "unchanged at trial points with `lightning_twophase.is_trial_evaluation()`."
                 )
-            return None
+            state = state.without_module_data()
         return state
 
-    def add(self, batch: Any, batch_idx: int, state: ModuleState | None = None) -> int:
-        """Keep a batch for this iteration and return its size; ``state``: the module's data before the training
-        loop's pass of this batch (:meth:`snapshot_state`), which trial evaluations of the batch start from."""
+    def add(self, batch: Any, batch_idx: int, state: TrialState | None = None) -> int:
+        """Keep a batch for this iteration and return its size; ``state``: what the training loop's pass of this batch
+        found (:meth:`snapshot_state`), which trial evaluations of the batch start from. The pass is over: what it
+        changed that trial evaluations cannot put back is warned about."""
         size = extract_batch_size(batch)
         nbytes = batch_nbytes(batch)
         if state is not None:
             self._state_bytes += state.nbytes
-            self._last_state = state
+            state.batch = None  # the batch is kept below, where it waits (on the device or not)
+            for problem in state.passed():
+                self._report(problem)
         on_device = self._device_bytes + self._state_bytes + nbytes <= self.max_device_bytes
         if on_device:
             self._device_bytes += nbytes
@@ -240,7 +242,7 @@ class TrainingObjective:
         self._batches.clear()
         self._device_bytes = 0
         self._state_bytes = 0
-        self._last_state = None
+        self._reuse = {}
         self._states_fit = True
         self._start_loss = None
         self._chunk = None
@@ -262,16 +264,21 @@ class TrainingObjective:
         if not on_device:
             batch = self.to_device(batch)
         if state is not None:
-            state.restore(self._report)
+            for problem in state.restore():
+                self._report(problem)
+            batch = state.evaluation_batch(batch)
         with self.seeded(position):
             loss = self.loss_fn(batch, batch_idx)
         return loss, size
 
     def _report(self, problem: str) -> None:
-        self.warn(
-            f"ConvexitySwapCallback: {problem}. Skip that change at trial points with "
-            "`lightning_twophase.is_trial_evaluation()`."
-        )
+        if problem not in self._reported:  # once each
+            self._reported.add(problem)
+            self.warn(
+                f"ConvexitySwapCallback: the module's attribute {problem}, which trial evaluations of the CG phase "
+                "cannot put back: they see it as it is, not as the training loop's pass of each kept batch saw it. "
+                "Skip that change at trial points with `lightning_twophase.is_trial_evaluation()`."
+            )
 
     def value(self) -> Tensor:
         """The mean loss over the stored batches (forward passes only: no gradient is taken)."""
@@ -308,7 +315,7 @@ class TrainingObjective:
         buffers and metric states as it found them (the random generators are forked anyway). Every rank meets in the
         same reduction, so the comparison with batch-by-batch evaluation comes out the same on every rank."""
         error = None
-        with module_kept(self.module, self._report):
+        with kept(self.module, self._counter, self._report):
             try:
                 total, count = self._forward_sums(chunked=True)
             except Exception as exception:  # any failure of the chunk means batch by batch
@@ -327,14 +334,17 @@ class TrainingObjective:
         kept = [entry for entry in self._batches if entry[3]]
         evaluations = [partial(self._loss_on, position) for position, entry in enumerate(self._batches) if not entry[3]]
         if kept:
-            if self._chunk is None:
+            # Made once per iteration, unless training_step changes its batch in place (then a fresh chunk each time).
+            changed = any(entry[4] is not None and entry[4].batch_changed for entry in kept)
+            if self._chunk is None or changed:
                 self._chunk = _concatenate([entry[0] for entry in kept])
             evaluations.insert(0, partial(self._chunk_loss, kept[0][1], kept[0][4], sum(entry[2] for entry in kept)))
         return evaluations
 
-    def _chunk_loss(self, batch_idx: int, state: ModuleState | None, size: int) -> tuple[Tensor | None, int]:
+    def _chunk_loss(self, batch_idx: int, state: TrialState | None, size: int) -> tuple[Tensor | None, int]:
         if state is not None:
-            state.restore(self._report)
+            for problem in state.restore():
+                self._report(problem)
         with self.seeded(0):
             return self.loss_fn(self._chunk, batch_idx), size
 
@@ -410,12 +420,12 @@ class TrainingObjective:
 
     @contextmanager
     def side_effects_suspended(self) -> Iterator[None]:
-        """Run trial evaluations without leaving a trace in logs, module buffers, torchmetrics states or the data in
-        the module's attributes; :func:`is_trial_evaluation` is true inside."""
+        """Run trial evaluations without leaving a trace in logs, module buffers, torchmetrics states, the data in
+        the module's attributes or the ``global_step``; :func:`is_trial_evaluation` is true inside."""
         token = _in_trial.set(True)
         with self.quiet():
             try:
-                with module_kept(self.module, self._report):
+                with kept(self.module, self._counter, self._report):
                     yield
             finally:
                 _in_trial.reset(token)
@@ -551,6 +561,7 @@ def lightning_objective(
         inform=rank_zero_info,
         warn=rank_zero_warn,
         scaling=LossScaling(scaler) if scaler is not None else None,
+        step_counter=global_step_counter(trainer),
     )
 
 

@@ -771,7 +771,7 @@ def test_the_second_phase_trains_exactly_the_parameters_that_require_grad_at_eac
     )
     trainer.fit(model)  # with the strong Wolfe search this crashed once net.0 required grad
     final = {k: v.clone() for k, v in model.state_dict().items()}
-    cg_checks = [record for record in callback.history if record["phase"] == "cg"]
+    cg_checks = [record for record in callback.history if record["phase"] == "second"]
     assert len(cg_checks) == 4
     dataset = TensorDataset(model.inputs, model.labels)
     for epoch, record in zip(range(1, 5), cg_checks):
@@ -810,7 +810,7 @@ def test_the_modules_own_clipping_does_not_change_the_gradient_the_second_phase_
     starts = StartWeights()
     callback = swap_at(1, optimizer=SECOND_PHASES[second_phase])
     pl.Trainer(callbacks=[callback, starts], **trainer_kwargs(max_epochs=3, precision="64-true")).fit(model)
-    cg_checks = [record for record in callback.history if record["phase"] == "cg"]
+    cg_checks = [record for record in callback.history if record["phase"] == "second"]
     dataset = TensorDataset(model.inputs, model.labels)
     for epoch, record in zip((1, 2), cg_checks):
         reference = LogisticRegression().double()
@@ -868,7 +868,7 @@ def test_the_first_optimizers_weight_decay_is_part_of_the_second_phases_objectiv
     # The progress guard would call a converged run slow.
     callback = swap_at(3, optimizer=SECOND_PHASES[second_phase], fallback=FallbackPolicy(progress_window=None))
     pl.Trainer(callbacks=[callback, first], **trainer_kwargs(max_epochs=25, precision="64-true")).fit(model)
-    assert callback.phase == "cg"
+    assert callback.phase == "second"
     model.zero_grad()
     model.loss(model.inputs, model.labels).backward()
     residuals, decays = [], []
@@ -906,3 +906,221 @@ def test_a_weight_decay_the_second_phase_cannot_express_is_named_at_the_swap():
     model = DecayedLogisticRegression(UnknownDecay, 0.01)
     with pytest.warns(UserWarning, match=r"UnknownDecay's weight_decay=0.01 of parameter group 0 is left out"):
         fit(model, swap_at(1, optimizer={"preconditioner": "none"}), max_epochs=2, precision="64-true")
+
+
+# The contract of trial evaluations: each kept batch as the loop's pass of that batch saw it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ChangesItsBatch(TinyClassifier):
+    """Rescales its inputs in the batch it is given: in place (a tensor batch), or by replacing an entry of a dict
+    batch."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+
+    def train_dataloader(self) -> DataLoader:
+        data = blobs(self.samples, self.features, self.classes)
+        if self.how == "in-place":
+            return DataLoader(data, batch_size=self.batch_size)
+        pairs = [{"x": x, "y": y} for x, y in data]
+        return DataLoader(pairs, batch_size=self.batch_size)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.how == "in-place":
+            inputs, labels = batch
+            inputs.div_(2)
+        else:
+            batch["x"] = batch["x"] / 2
+            inputs, labels = batch["x"], batch["y"]
+        return nn.functional.cross_entropy(self(inputs), labels)
+
+
+@pytest.mark.parametrize("how", ["in-place", "dict-entry"])
+def test_trial_evaluations_see_the_batch_as_the_loops_pass_saw_it(how):
+    SpyConjugateGradient.records = []
+    callback = swap_at(1, optimizer=spy_factory)
+    trainer = fit(ChangesItsBatch(how), callback, max_epochs=4)
+    assert len(SpyConjugateGradient.records) == 3
+    for record in SpyConjugateGradient.records:
+        # Every evaluation at the start point is the loop's own loss: the batch was not halved again.
+        assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-6)
+        assert record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+    assert callback.phase == "second"
+    assert trainer.optimizers[0].optimizer.totals["line_search_failures"] == 0
+
+
+class CarriesAState(TinyClassifier):
+    """Carries a state from one step to the next that is part of the loss: in a plain attribute, or in a registered
+    buffer (reassigned, or updated in place); and keeps an average of its loss in a buffer it only logs."""
+
+    def __init__(self, where: str, guarded: bool = False) -> None:
+        super().__init__()
+        self.where, self.guarded = where, guarded
+        if where == "attribute":
+            self.carried = torch.zeros(3)
+        else:
+            self.register_buffer("carried", torch.zeros(3))
+        self.register_buffer("average", torch.zeros(()))
+        self.averages: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        inputs, labels = batch
+        logits = self(inputs) + self.carried
+        loss = nn.functional.cross_entropy(logits, labels)
+        if not (self.guarded and is_trial_evaluation()):
+            if self.where == "buffer, in place":
+                self.carried.mul_(0.5).add_(0.5 * logits.detach().mean(dim=0))
+            else:
+                self.carried = 0.5 * self.carried + 0.5 * logits.detach().mean(dim=0)
+            self.average = 0.9 * self.average + 0.1 * loss.detach()
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.averages.append(float(self.average))
+
+
+@pytest.mark.parametrize("where", ["buffer", "buffer, in place"])
+def test_a_state_carried_in_a_buffer_is_put_back_for_each_batch_as_in_an_attribute(where):
+    results = []
+    for model in (CarriesAState(where), CarriesAState("attribute"), CarriesAState(where, guarded=True)):
+        SpyConjugateGradient.records = []
+        fit(model, swap_at(1, optimizer=spy_factory), max_epochs=4)
+        for record in SpyConjugateGradient.records:
+            assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-6)
+            assert record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+        results.append((weights(model), model.averages, model.carried.clone()))
+    (buffer, averages, carried), (attribute, _, attribute_carried), (guarded, guarded_averages, _) = results
+    # The same run as with the state in an attribute, and as a model that skips its changes at trial points.
+    for a, b, c in zip(buffer, attribute, guarded):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(carried, attribute_carried)
+    assert averages == guarded_averages
+
+
+class ReadOnlyTable:
+    """A large read-only lookup table with its own copy protocol, which counts how often it is copied."""
+
+    copies = 0
+
+    def __init__(self) -> None:
+        self.entries = {index: float(index) for index in range(100_000)}
+
+    def __getstate__(self) -> dict[str, Any]:
+        ReadOnlyTable.copies += 1
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def test_an_unchanged_attribute_with_its_own_copy_protocol_is_never_copied():
+    ReadOnlyTable.copies = 0
+    model = TinyClassifier()
+    model.table = table = ReadOnlyTable()
+    callback = swap_at(1)
+    fit(model, callback, max_epochs=3)
+    assert callback.phase == "second"
+    assert ReadOnlyTable.copies == 0 and model.table is table and len(table.entries) == 100_000
+
+
+class KeepsMetrics(TinyClassifier):
+    """Updates torchmetrics in training_step: a running mean over a window of 12 steps (a wrapper around a mean
+    metric) and a collection of two metrics sharing their states (a compute group)."""
+
+    def __init__(self, guarded: bool = False) -> None:
+        super().__init__()
+        torchmetrics = pytest.importorskip("torchmetrics")
+        self.guarded = guarded
+        self.running = torchmetrics.aggregation.RunningMean(window=12)
+        self.collection = torchmetrics.MetricCollection(
+            {"mean": torchmetrics.MeanMetric(), "sum": torchmetrics.SumMetric()}
+        )
+        self.values: list[tuple[float, ...]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        loss = super().training_step(batch, batch_idx)
+        if not (self.guarded and is_trial_evaluation()):
+            self.running.update(loss.detach())
+            self.collection.update(loss.detach())
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        collection = self.collection.compute()
+        self.values.append((float(self.running.compute()), float(collection["mean"]), float(collection["sum"])))
+        self.collection.reset()
+
+
+def test_metric_states_are_put_back_whole_wrappers_and_counters_included():
+    results = []
+    for guarded in (False, True):
+        model = KeepsMetrics(guarded)
+        fit(model, swap_at(1), max_epochs=4)
+        results.append((model.values, weights(model)))
+    (values, unguarded), (guarded_values, guarded) = results
+    assert values == guarded_values
+    assert all(torch.equal(a, b) for a, b in zip(unguarded, guarded))
+
+
+STEPS_SEEN: list[tuple[int, int, int, bool]] = []
+
+
+class WarmsUpByStep(TinyClassifier):
+    """A loss term weighted by a warm-up over the global step (as a KL warm-up), recording the step each evaluation
+    of each batch sees."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_twophase import is_trial_evaluation
+
+        STEPS_SEEN.append((self.current_epoch, batch_idx, self.global_step, is_trial_evaluation()))
+        inputs, labels = batch
+        logits = self(inputs)
+        warm_up = 10 * min(1.0, self.global_step / 40)
+        return nn.functional.cross_entropy(logits, labels) + warm_up * logits.pow(2).mean()
+
+
+def test_trial_evaluations_see_the_global_step_of_the_batchs_loop_pass():
+    SpyConjugateGradient.records = []
+    STEPS_SEEN.clear()
+    trainer = fit(WarmsUpByStep(), swap_at(1, optimizer=spy_factory), max_epochs=4)
+    for record in SpyConjugateGradient.records:
+        assert record["value_1"] == pytest.approx(record["start_loss"], rel=1e-6)
+        assert record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
+    loop = {(epoch, index): step for epoch, index, step, trial in STEPS_SEEN if not trial}
+    trials = [(epoch, index, step) for epoch, index, step, trial in STEPS_SEEN if trial]
+    assert trials and all(step == loop[epoch, index] for epoch, index, step in trials)
+    assert trainer.global_step == 4 * 8  # the loop's count goes on as it was
+
+
+class CountsPrivately(TinyClassifier):
+    """Changes what trial evaluations cannot put back: a private counter, and a large tensor changed in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._calls = 0
+        self.histogram = torch.zeros(5 * 1024**2)  # 20 MiB: kept by reference
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._calls += 1
+        self.histogram[batch_idx] += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_what_trial_evaluations_cannot_put_back_is_named_with_the_way_to_skip_it(recwarn):
+    model = CountsPrivately()
+    fit(model, swap_at(1), max_epochs=3)
+    said = [str(w.message) for w in recwarn if "cannot put back" in str(w.message)]
+    assert len(said) == 2  # once each
+    assert all("is_trial_evaluation()" in message for message in said)
+    assert "`_calls`" in said[0] and "`histogram`" in said[1] and "changed in place" in said[1]
+
+
+def test_a_model_whose_data_is_all_put_back_gets_no_such_warning(recwarn):
+    fit(KeepsMetrics(), swap_at(1), max_epochs=3)
+    fit(KeepsNestedState(), swap_at(1), max_epochs=3)
+    assert not [w for w in recwarn if "cannot put back" in str(w.message)]

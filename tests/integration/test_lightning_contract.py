@@ -13,6 +13,7 @@ import torch
 
 from lightning_twophase._lightning import (
     TrainerSettings,
+    global_step_counter,
     grad_scaler,
     logging_suppressed,
     scheduler_configs,
@@ -170,6 +171,41 @@ def test_logging_suppressed_silences_self_log_and_restores_it():
     assert model.calls_under_suppression == 1
     assert "log" not in model.__dict__ and "log_dict" not in model.__dict__
     assert type(model).log is pl.LightningModule.log
+
+
+class StepInsideTheStep(torch.optim.SGD):
+    """An optimizer whose step, after running the closure, sets the global step to 1000 and reads it back through
+    the Trainer and the module (as the CG phase's trial evaluations do inside the last batch's step)."""
+
+    def __init__(self, params: Any, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        super().__init__(params, lr=0.01)
+        self.trainer, self.module = trainer, module
+        self.seen: list[tuple[int, int, int, int]] = []
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = super().step(closure)
+        read, write = global_step_counter(self.trainer)
+        before = read()
+        write(1000)
+        self.seen.append((before, self.trainer.global_step, self.module.global_step, read()))
+        write(before)
+        return loss
+
+
+class StepReader(TinyClassifier):
+    def configure_optimizers(self) -> Any:
+        self.optimizer = StepInsideTheStep(self.parameters(), self.trainer, self)
+        return self.optimizer
+
+
+def test_the_global_step_can_be_set_within_an_optimizer_step_and_the_loop_counts_on():
+    model = StepReader()
+    trainer = pl.Trainer(**trainer_kwargs(max_epochs=2))
+    trainer.fit(model)
+    batches = trainer.num_training_batches
+    # During step n (0-based), the loop has completed n steps; written, the value is what both read.
+    assert model.optimizer.seen == [(n, 1000, 1000, 1000) for n in range(2 * batches)]
+    assert trainer.global_step == 2 * batches  # written back, the loop's own count goes on
 
 
 class RecordsOutputs(pl.Callback):

@@ -378,5 +378,5 @@ def test_module_data_beyond_the_bound_is_not_kept_per_batch_and_that_is_said():
         model.outputs.extend(range(100))  # grows at every step: nothing to share
         objective.add(batch, index, state)
     states = [entry[4] for entry in objective._batches]
-    assert states[0] is not None and states[-1] is None  # the first batch always has its state
+    assert states[0].nbytes > 0 and states[-1].nbytes == 0  # the first batch always has the module's data saved
     assert len(warnings) == 1 and "max_cached_bytes=20000" in warnings[0]
