@@ -249,7 +249,8 @@ class _MacroBatchOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state["macro_batch"] = {"steps": self.steps, "optimizer": type(self.optimizer).__name__}
+        # The qualified name: the package's LBFGS and torch.optim.LBFGS share a class name, not a state layout.
+        state["macro_batch"] = {"steps": self.steps, "optimizer": _qualified_name(type(self.optimizer))}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -257,10 +258,13 @@ class _MacroBatchOptimizer(Optimizer):
         macro = state_dict.pop("macro_batch", {"steps": 0})
         self.steps = macro["steps"]
         self.objective.iteration = self.steps
-        saved_type, own_type = macro.get("optimizer", type(self.optimizer).__name__), type(self.optimizer).__name__
+        own_type = _qualified_name(type(self.optimizer))
+        saved_type = macro.get("optimizer", own_type)
+        if "." not in saved_type:  # written by version 0.3, which kept the class name alone
+            own_type = type(self.optimizer).__name__
         if saved_type != own_type:
             self._warn(
-                f"ConvexitySwapCallback: the checkpoint's CG phase used {saved_type}, this run builds {own_type} "
+                f"ConvexitySwapCallback: the checkpoint's second phase used {saved_type}, this run builds {own_type} "
                 f"(the callback's `optimizer` changed): {own_type} starts afresh from the checkpoint's "
                 "weights."
             )
@@ -284,6 +288,11 @@ class _MacroBatchOptimizer(Optimizer):
             self._warn(
                 f"ConvexitySwapCallback: the CG options changed since the checkpoint ({described}); the new ones apply."
             )
+
+
+def _qualified_name(cls: type) -> str:
+    """``module.Class`` of the module that defines the class: it tells apart classes of the same name."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _norm(tensors: list[Tensor]) -> float:
