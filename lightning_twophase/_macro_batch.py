@@ -58,6 +58,8 @@ class MacroBatchStep:
         forward_samples: samples passed forward for the macro-batch, over all ranks: the training loop's passes and
             the trial evaluations.
         backward_samples: samples passed backward, over all ranks.
+        start_samples: samples of the training loop's own pass (forward and backward), over all ranks: what measuring
+            ``loss`` cost.
 
     """
 
@@ -69,6 +71,7 @@ class MacroBatchStep:
     non_finite_batches: list[int]
     forward_samples: int
     backward_samples: int
+    start_samples: int = 0
 
 
 class _MacroBatchOptimizer(Optimizer):
@@ -208,7 +211,15 @@ class _MacroBatchOptimizer(Optimizer):
         self.objective.iteration = self.steps
         self._on_step(
             MacroBatchStep(
-                start_loss, grad_norm, failed, diagnostics, non_finite, non_finite_batches, forward, backward
+                start_loss,
+                grad_norm,
+                failed,
+                diagnostics,
+                non_finite,
+                non_finite_batches,
+                forward,
+                backward,
+                loop_samples,
             )
         )
 

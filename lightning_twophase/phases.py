@@ -297,6 +297,9 @@ class CGPhase:
         # here for `on_train_batch_end`.
         self._results: list[MacroBatchStep] = []
         self._points: list[tuple[float, float]] = []  # (loss, gradient norm) of each iteration since the last check
+        # The compute spent when the latest of those losses was measured: the loop's pass at the step's start, before
+        # the step's own evaluations (20 L-BFGS iterations cost many passes; their progress shows at the next step).
+        self._measured_compute = 0.0
         self._warned_struggling = False
         first = TrainerSettings.capture(trainer)
         first_optimizer = first.optimizers[0]
@@ -396,6 +399,7 @@ class CGPhase:
     def _after_step(self, step: MacroBatchStep) -> Decision | None:
         trainer = self._trainer
         # Sample counts over all ranks (the objective reduced them): the same compute on every rank.
+        self._measured_compute = self.record.compute + 3 * step.start_samples
         self.record.compute += step.forward_samples + 2 * step.backward_samples
         if step.non_finite is not None:
             # Never hand a non-finite objective to a gradient method (the fallback): stop, weights intact.
@@ -452,7 +456,9 @@ class CGPhase:
 
     def check(self, loss: float) -> Decision | None:
         """A check of the CG phase: a decision to fall back, if the policy makes one."""
-        return self._acted_on(self.policy.check(loss, self.record.compute))
+        # The loss of a check is that of its steps' start points: judged at the compute spent to reach them, not with
+        # the cost of the last step's iterations, whose progress the next check shows.
+        return self._acted_on(self.policy.check(loss, self._measured_compute))
 
     def carried_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CGPhase:
         """This phase on another fit's Trainer, as from a checkpoint written at the end of the last fit: installed
