@@ -4,7 +4,8 @@ The paper's "safe resort": conjugate gradient assumes a convex neighbourhood, an
 phase stops making progress. :class:`FallbackPolicy` is fed what each CG iteration did and the loss of each check,
 and answers with a :class:`~lightning_twophase.Decision`, as the detectors do.
 
-Beyond failure, an optional guard (``progress_window``, off by default) judges progress at equal compute: the CG phase must not fall far behind where the first optimizer
+Beyond failure, an optional guard (``progress_window``, off by default) judges progress at equal compute: the CG phase
+must not fall far behind where the first optimizer
 would have been had it gone on. That projection is the first optimizer's own curve continued: a gradient method's
 loss past its fast start falls roughly as a power of the compute spent, ``L(c) ~ c^(-alpha)``, with ``alpha`` read
 off the first phase's second half. CG's progress comes in bursts (a plateau, then a drop as training images are
@@ -107,10 +108,8 @@ class FallbackPolicy:
         start, spent_before = self.start_loss, self.start_compute
         if not (math.isfinite(self.exponent) and self.exponent > 0 and compute > spent_before > 0):
             return CONTINUE
-        if 0 < self.lowest < math.inf:
-            gained = math.log(start / self.lowest)
-        else:  # a loss of exactly zero (a perfect fit, L-BFGS's end on separable data) is ahead of any projection
-            gained = math.inf if self.lowest == 0 else 0.0
+        # A loss of exactly zero (a perfect fit, L-BFGS's end on separable data) is ahead of any projection.
+        gained = math.inf if self.lowest == 0 else math.log(start / self.lowest) if 0 < self.lowest < math.inf else 0.0
         expected = self.exponent * math.log(compute / spent_before)
         if gained >= self.progress_margin * expected:
             return CONTINUE
