@@ -62,6 +62,8 @@ class MacroBatchStep:
         backward_samples: samples passed backward, over all ranks.
         decay: the weight-decay term of the objective where the step started: the wrapped optimizer minimised
             ``loss + decay`` (``0.0`` without weight decay).
+        start_samples: samples of the training loop's own pass (forward and backward), over all ranks: what measuring
+            ``loss`` cost.
 
     """
 
@@ -74,6 +76,7 @@ class MacroBatchStep:
     forward_samples: int
     backward_samples: int
     decay: float = 0.0
+    start_samples: int = 0
 
 
 class _MacroBatchOptimizer(Optimizer):
@@ -282,7 +285,16 @@ class _MacroBatchOptimizer(Optimizer):
         self.objective.iteration = self.steps
         self._on_step(
             MacroBatchStep(
-                start_loss, grad_norm, failed, diagnostics, non_finite, non_finite_batches, forward, backward, decay
+                start_loss,
+                grad_norm,
+                failed,
+                diagnostics,
+                non_finite,
+                non_finite_batches,
+                forward,
+                backward,
+                decay,
+                loop_samples,
             )
         )
 
@@ -363,7 +375,8 @@ class _MacroBatchOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state["macro_batch"] = {"steps": self.steps, "optimizer": type(self.optimizer).__name__}
+        # The qualified name: the package's LBFGS and torch.optim.LBFGS share a class name, not a state layout.
+        state["macro_batch"] = {"steps": self.steps, "optimizer": _qualified_name(type(self.optimizer))}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -371,10 +384,13 @@ class _MacroBatchOptimizer(Optimizer):
         macro = state_dict.pop("macro_batch", {"steps": 0})
         self.steps = macro["steps"]
         self.objective.iteration = self.steps
-        saved_type, own_type = macro.get("optimizer", type(self.optimizer).__name__), type(self.optimizer).__name__
+        own_type = _qualified_name(type(self.optimizer))
+        saved_type = macro.get("optimizer", own_type)
+        if "." not in saved_type:  # written by version 0.3, which kept the class name alone
+            own_type = type(self.optimizer).__name__
         if saved_type != own_type:
             self._warn(
-                f"ConvexitySwapCallback: the checkpoint's CG phase used {saved_type}, this run builds {own_type} "
+                f"ConvexitySwapCallback: the checkpoint's second phase used {saved_type}, this run builds {own_type} "
                 f"(the callback's `optimizer` changed): {own_type} starts afresh from the checkpoint's "
                 "weights."
             )
@@ -399,6 +415,11 @@ class _MacroBatchOptimizer(Optimizer):
             self._warn(
                 f"ConvexitySwapCallback: the CG options changed since the checkpoint ({described}); the new ones apply."
             )
+
+
+def _qualified_name(cls: type) -> str:
+    """``module.Class`` of the module that defines the class: it tells apart classes of the same name."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _norm(tensors: list[Tensor]) -> float:

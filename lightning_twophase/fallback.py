@@ -107,7 +107,8 @@ class FallbackPolicy:
         start, spent_before = self.start_loss, self.start_compute
         if not (math.isfinite(self.exponent) and self.exponent > 0 and compute > spent_before > 0):
             return CONTINUE
-        gained = math.log(start / self.lowest) if 0 < self.lowest < math.inf else 0.0
+        # A loss of exactly zero (a perfect fit, L-BFGS's end on separable data) is ahead of any projection.
+        gained = math.inf if self.lowest == 0 else math.log(start / self.lowest) if 0 < self.lowest < math.inf else 0.0
         expected = self.exponent * math.log(compute / spent_before)
         if gained >= self.progress_margin * expected:
             return CONTINUE

@@ -317,6 +317,9 @@ class CGPhase:
         self._objectives: list[float] = []
         self._checked_objective: float | None = None
         self._policy_begun = True
+        # The compute spent when the latest of those losses was measured: the loop's pass at the step's start, before
+        # the step's own evaluations (20 L-BFGS iterations cost many passes; their progress shows at the next step).
+        self._measured_compute = 0.0
         self._warned_struggling = False
         #: ``(epoch, step)`` of a swap decided within an epoch, until the next epoch starts the phase; else ``None``.
         self.pending: tuple[int, int] | None = None
@@ -475,6 +478,7 @@ class CGPhase:
     def _after_step(self, step: MacroBatchStep) -> Decision | None:
         trainer = self._trainer
         # Sample counts over all ranks (the objective reduced them): the same compute on every rank.
+        self._measured_compute = self.record.compute + 3 * step.start_samples
         self.record.compute += step.forward_samples + 2 * step.backward_samples
         if step.non_finite is not None:
             # Never hand a non-finite objective to a gradient method (the fallback): stop, weights intact.
@@ -539,9 +543,11 @@ class CGPhase:
 
     def check(self, loss: float) -> Decision | None:
         """A check of the CG phase, whose mean loss :meth:`measure` gave: a decision to fall back, if the policy makes
-        one. The policy judges the objective the optimizer minimised (with the first optimizer's weight decay)."""
+        one. The policy judges the objective the optimizer minimised (with the first optimizer's weight decay), at the
+        compute spent to measure it: the loop's pass at the step's start, not the step's own iterations, whose progress
+        the next check shows."""
         objective, self._checked_objective = self._checked_objective, None
-        return self._acted_on(self.policy.check(loss if objective is None else objective, self.record.compute))
+        return self._acted_on(self.policy.check(loss if objective is None else objective, self._measured_compute))
 
     def carried_to(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CGPhase:
         """This phase on another fit's Trainer, as from a checkpoint written at the end of the last fit: installed

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_twophase import (
+    LBFGS,
     ConjugateGradient,
     ConvexitySwapCallback,
     Decision,
@@ -51,23 +52,56 @@ class CountingClassifier(TinyClassifier):
         return CountingAdam(self.parameters(), lr=self.lr)
 
 
-def cg_optimizer(trainer: pl.Trainer) -> ConjugateGradient:
-    """The ConjugateGradient the CG phase steps (inside the adapter Lightning sees)."""
+#: The second phases by name (the callback's ``optimizer="lbfgs"``, the default, and ``optimizer="cg"``).
+SECOND_PHASE_CLASSES = {"lbfgs": LBFGS, "cg": ConjugateGradient}
+both_second_phases = pytest.mark.parametrize("second", ["lbfgs", "cg"])
+
+
+def second_optimizer(trainer: pl.Trainer, second: str = "lbfgs") -> Any:
+    """The second-phase optimizer that steps (inside the adapter Lightning sees), of the class ``second`` names."""
     optimizer = trainer.optimizers[0].optimizer
-    assert isinstance(optimizer, ConjugateGradient)
+    assert isinstance(optimizer, SECOND_PHASE_CLASSES[second])
     return optimizer
 
 
-def test_swap_installs_conjugate_gradient_and_it_is_the_one_that_steps():
+class SecondPhaseSteps(pl.Callback):
+    """The diagnostics of every ``step()`` of the second-phase optimizer (its public ``diagnostics``, a new object at
+    each step), read after every batch."""
+
+    def __init__(self) -> None:
+        self.steps: list[Any] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        diagnostics = getattr(getattr(trainer.optimizers[0], "optimizer", None), "diagnostics", None)
+        if diagnostics is not None and (not self.steps or diagnostics is not self.steps[-1]):
+            self.steps.append(diagnostics)
+
+
+def assert_steps(trainer: pl.Trainer, recorder: SecondPhaseSteps, second: str, steps: int) -> Any:
+    """The second phase ``second`` stepped ``steps`` times, each step up to ``max_iter`` iterations (CG's default: 1,
+    L-BFGS's: 20, fewer once it converges), and its total counts exactly the iterations of those steps."""
+    optimizer = second_optimizer(trainer, second)
+    per_step = [diagnostics.iterations for diagnostics in recorder.steps]
+    assert len(per_step) == steps
+    assert all(1 <= n <= optimizer.defaults["max_iter"] for n in per_step)
+    assert optimizer.totals["iterations"] == sum(per_step)
+    if second == "cg":
+        assert optimizer.totals["iterations"] == steps  # one CG iteration per step
+    return optimizer
+
+
+@both_second_phases
+def test_swap_installs_conjugate_gradient_and_it_is_the_one_that_steps(second):
     CountingAdam.steps = 0
-    callback = swap_at(2)
-    trainer = fit(CountingClassifier(), callback, max_epochs=5)
+    callback, steps = swap_at(2, optimizer=second), SecondPhaseSteps()
+    trainer = fit(CountingClassifier(), callback, steps, max_epochs=5)
     batches = trainer.num_training_batches
     assert (callback.phase, callback.swap_epoch, callback.swap_step) == (Phase.SECOND, 2, 2 * batches)
     assert callback.swap_decision.reason is Reason.SWAP_EPOCH
     assert CountingAdam.steps == 2 * batches  # Adam stopped stepping at the swap
-    assert cg_optimizer(trainer).totals["iterations"] == 3  # one full-batch CG iteration per remaining epoch
-    assert cg_optimizer(trainer).preconditioner is not None  # Adam's second moments, by default
+    # One full-batch step per remaining epoch (CG: one iteration each; L-BFGS: up to 20).
+    optimizer = assert_steps(trainer, steps, second, 3)
+    assert optimizer.preconditioner is not None  # Adam's second moments, by default
     assert trainer.global_step == 5 * batches  # the training loop still counts every mini-batch
     cg_losses = [r["loss"] for r in callback.history if r["phase"] == "second"]
     assert cg_losses == sorted(cg_losses, reverse=True)  # full-batch CG never increases the training loss
@@ -123,13 +157,15 @@ def test_the_default_swaps_at_the_epoch_bound_while_the_loss_still_falls():
 def test_a_plateau_swaps_before_the_bound():
     # A rule that asks for a 90 % fall of the best loss over 2 epochs: every full window is a plateau by it, and the
     # first that counts is the one after the loss fell to half its first value (0.90 -> 0.39 by epoch 4).
-    callback = ConvexitySwapCallback(detector=PlateauDetector(window=2, min_improvement=0.9))
-    trainer = fit(TinyClassifier(), callback, max_epochs=10)
+    callback, steps = ConvexitySwapCallback(detector=PlateauDetector(window=2, min_improvement=0.9)), SecondPhaseSteps()
+    trainer = fit(TinyClassifier(), callback, steps, max_epochs=10)
     assert callback.swap_epoch == 4 and callback.swap_decision.reason is Reason.PLATEAU
     assert "over the last 2 epochs" in callback.swap_reason
     waiting = callback.history[2]  # epoch 3: a full window, but the loss was still above half its first value
     assert waiting["improvement"] < 0.9 and waiting["loss"] > callback.history[0]["loss"] / 2
-    assert cg_optimizer(trainer).totals["iterations"] == 6
+    # The default second phase took one step per remaining epoch, each checked.
+    assert_steps(trainer, steps, "lbfgs", 6)
+    assert [r["phase"] for r in callback.history] == ["first"] * 4 + ["second"] * 6
 
 
 def test_detect_only_never_swaps_but_reports_the_point():
@@ -151,30 +187,32 @@ def test_detect_only_with_swap_epoch_zero_reports_the_start_and_never_swaps():
 
 
 def test_step_based_checks():
-    callback = swap_at(1, check_every_n_steps=4)
-    trainer = fit(TinyClassifier(), callback, max_epochs=3)
-    # The swap at step 8, with the first epoch's last batch; the CG phase reports once per iteration (per epoch).
+    callback, steps = swap_at(1, check_every_n_steps=4), SecondPhaseSteps()
+    trainer = fit(TinyClassifier(), callback, steps, max_epochs=3)
+    # The swap at step 8, with the first epoch's last batch; the second phase reports once per step (per epoch).
     assert [r["step"] for r in callback.history[:4]] == [4, 8, 16, 24]
     assert callback.swap_step is not None and callback.swap_step % 4 == 0
-    assert cg_optimizer(trainer).totals["iterations"] >= 2
+    assert_steps(trainer, steps, "lbfgs", 2)
 
 
-def test_checked_by_steps_the_bound_swaps_at_its_epochs_end_and_every_cg_iteration_is_checked():
+@both_second_phases
+def test_checked_by_steps_the_bound_swaps_at_its_epochs_end_and_every_cg_iteration_is_checked(second):
     # 8 batches per epoch, checks every 3 steps: the bound of 2 epochs falls at step 16, between two step checks.
-    callback = swap_at(2, check_every_n_steps=3)
-    trainer = fit(TinyClassifier(), callback, max_epochs=5)
+    callback, steps = swap_at(2, check_every_n_steps=3, optimizer=second), SecondPhaseSteps()
+    trainer = fit(TinyClassifier(), callback, steps, max_epochs=5)
     assert (callback.swap_epoch, callback.swap_step) == (2, 16)
     cg_checks = [(r["epoch"], r["step"]) for r in callback.history if r["phase"] == "second"]
-    assert cg_checks == [(3, 24), (4, 32), (5, 40)]  # one per CG iteration, at its epoch's end
-    assert cg_optimizer(trainer).totals["iterations"] == 3
+    assert cg_checks == [(3, 24), (4, 32), (5, 40)]  # one per second-phase step, at its epoch's end
+    assert_steps(trainer, steps, second, 3)
 
 
-def test_swap_epoch_zero_runs_conjugate_gradient_from_the_start():
+@both_second_phases
+def test_swap_epoch_zero_runs_conjugate_gradient_from_the_start(second):
     CountingAdam.steps = 0
-    callback = swap_at(0, optimizer={"preconditioner": "none"})
-    trainer = fit(CountingClassifier(), callback, max_epochs=3)
+    callback, steps = swap_at(0, optimizer={"name": second, "preconditioner": "none"}), SecondPhaseSteps()
+    trainer = fit(CountingClassifier(), callback, steps, max_epochs=3)
     assert (callback.swap_epoch, callback.swap_step, CountingAdam.steps) == (0, 0, 0)
-    assert cg_optimizer(trainer).totals["iterations"] == 3
+    assert assert_steps(trainer, steps, second, 3).preconditioner is None
     assert [record["phase"] for record in callback.history] == ["second"] * 3
 
 
@@ -362,13 +400,15 @@ def test_minibatch_phase_warns_loudly():
         fit(TinyClassifier(), swap_at(1, batches_per_iteration=1), max_epochs=2)
 
 
-def test_gradient_clipping_is_turned_off_and_accumulation_set_to_one_at_the_swap():
+@both_second_phases
+def test_gradient_clipping_is_turned_off_and_accumulation_set_to_one_at_the_swap(second):
+    callback, steps = swap_at(1, optimizer=second), SecondPhaseSteps()
     with pytest.warns(UserWarning) as record:
-        trainer = fit(TinyClassifier(), swap_at(1), max_epochs=3, gradient_clip_val=0.5, accumulate_grad_batches=2)
+        trainer = fit(TinyClassifier(), callback, steps, max_epochs=3, gradient_clip_val=0.5, accumulate_grad_batches=2)
     messages = " ".join(str(w.message) for w in record)
     assert "gradient clipping" in messages and "accumulate_grad_batches=2" in messages
     assert trainer.gradient_clip_val is None and trainer.accumulate_grad_batches == 1
-    assert cg_optimizer(trainer).totals["iterations"] == 2
+    assert_steps(trainer, steps, second, 2)  # one step per epoch on all 8 batches, not one per 2 accumulated
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -403,14 +443,17 @@ class RecordLoggedLoss(pl.Callback):
         self.losses.append(float(trainer.callback_metrics["train_loss"]))
 
 
-def test_trial_evaluations_do_not_pollute_logs_or_metrics():
+@both_second_phases
+def test_trial_evaluations_do_not_pollute_logs_or_metrics(second):
     model = MetricClassifier()
     recorder = RecordLoggedLoss()
-    callback = swap_at(1)
+    callback = swap_at(1, optimizer=second)
     trainer = fit(model, callback, recorder, max_epochs=4)
     batches = trainer.num_training_batches
-    # Line searches ran training_step many more times, but neither the metric nor self.log saw them.
-    assert cg_optimizer(trainer).totals["value_evaluations"] > 3
+    # Line searches ran training_step many more times than the loop's 3 passes (CG: forward-only trial points;
+    # L-BFGS: a gradient at every trial point), but neither the metric nor self.log saw them.
+    totals = second_optimizer(trainer, second).totals
+    assert totals["value_evaluations" if second == "cg" else "gradient_evaluations"] > 3
     assert model.updates_per_epoch == [batches] * 4
     cg_checks = [r for r in callback.history if r["phase"] == "second"]
     # The logged epoch mean equals the CG iteration's start loss: the same batches at the same point.
@@ -418,19 +461,21 @@ def test_trial_evaluations_do_not_pollute_logs_or_metrics():
         assert logged == pytest.approx(check["loss"], rel=1e-5)
 
 
-def test_learning_rate_monitor_keeps_working(tmp_path):
+@both_second_phases
+def test_learning_rate_monitor_keeps_working(tmp_path, second):
     from lightning.pytorch.loggers import CSVLogger
 
     monitor = LearningRateMonitor(logging_interval="epoch")
-    fit(TinyClassifier(), swap_at(1), monitor, max_epochs=3, logger=CSVLogger(tmp_path), log_every_n_steps=1)
-    assert set(monitor.lrs) >= {"lr-Adam", "lr-ConjugateGradient"}
+    callback = swap_at(1, optimizer=second)
+    fit(TinyClassifier(), callback, monitor, max_epochs=3, logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    assert set(monitor.lrs) >= {"lr-Adam", f"lr-{SECOND_PHASE_CLASSES[second].__name__}"}
 
 
-def test_bf16_mixed_on_cpu():
-    callback = swap_at(2)
-    trainer = fit(TinyClassifier(), callback, max_epochs=5, precision="bf16-mixed")
-    cg = cg_optimizer(trainer)
-    assert cg.totals["iterations"] == 3 and cg.totals["line_search_failures"] == 0
+@both_second_phases
+def test_bf16_mixed_on_cpu(second):
+    callback, steps = swap_at(2, optimizer=second), SecondPhaseSteps()
+    trainer = fit(TinyClassifier(), callback, steps, max_epochs=5, precision="bf16-mixed")
+    assert assert_steps(trainer, steps, second, 3).totals["line_search_failures"] == 0
     losses = [r["loss"] for r in callback.history]
     assert losses[-1] < losses[1]
 
@@ -444,15 +489,24 @@ def test_without_a_swap_the_default_rule_costs_no_gradient_pass():
     assert callback.compute == 4 * 3 * 240
 
 
-def test_compute_counts_forward_and_backward_passes():
-    callback = swap_at(1)
+@both_second_phases
+def test_compute_counts_forward_and_backward_passes(second):
+    callback = swap_at(1, optimizer=second)
     trainer = fit(TinyClassifier(samples=240), callback, max_epochs=2)
-    cg = cg_optimizer(trainer)
-    # Epoch 1 (Adam): forward + backward of 240 samples = 3 x 240. Epoch 2 (CG): the loop's own pass (3 x 240),
-    # one forward pass of 240 samples per value evaluation and 3 x 240 per extra gradient evaluation, and the one
-    # forward pass with which the first value evaluation compared the batches joined in a chunk with batch by batch.
-    extra_gradients = cg.totals["gradient_evaluations"] - cg.totals["iterations"]
-    expected = 3 * 240 + 3 * 240 + 240 * (cg.totals["value_evaluations"] + 1) + 3 * 240 * extra_gradients
+    totals = second_optimizer(trainer, second).totals
+    # Epoch 1 (Adam): forward + backward of 240 samples = 3 x 240. Epoch 2 (one step of the second phase): the loop's
+    # own pass (3 x 240) is the step's first gradient evaluation; 3 x 240 per further gradient evaluation.
+    expected = 3 * 240 + 3 * 240 + 3 * 240 * (totals["gradient_evaluations"] - 1)
+    if second == "cg":
+        # One forward pass of 240 samples per value evaluation, and the one forward pass with which the first value
+        # evaluation compared the batches joined in a chunk with batch by batch.
+        assert totals["iterations"] == 1
+        expected += 240 * (totals["value_evaluations"] + 1)
+    else:
+        # No value-only evaluation: the first trial gradient is preceded by the two forward passes (batch by batch,
+        # and the batches joined in a chunk) that decide how trial points are evaluated.
+        assert totals["value_evaluations"] == 0 and totals["gradient_evaluations"] > 1
+        expected += 2 * 240
     assert callback.compute == expected
     assert callback.history[-1]["compute"] == expected
 
@@ -502,11 +556,16 @@ def test_without_fallback_a_non_finite_loss_is_a_clear_error():
         trainer.fit(TurnsNaN(nan_from_epoch=2))
 
 
-def test_repeated_line_search_failures_fall_back_to_the_first_optimizer():
-    # A first trial step a million times too long with a single evaluation allowed: every line search fails.
-    callback = swap_at(
-        1, optimizer={"lr": 1e6, "line_search": "armijo", "max_evals": 1}, fallback=FallbackPolicy(after_failures=2)
-    )
+#: A first trial step a million times too long with a single evaluation allowed: every line search fails.
+FAILING_SEARCHES = {
+    "lbfgs": {"name": "lbfgs", "lr": 1e6, "max_evals": 1},
+    "cg": {"name": "cg", "lr": 1e6, "line_search": "armijo", "max_evals": 1},
+}
+
+
+@both_second_phases
+def test_repeated_line_search_failures_fall_back_to_the_first_optimizer(second):
+    callback = swap_at(1, optimizer=FAILING_SEARCHES[second], fallback=FallbackPolicy(after_failures=2))
     with pytest.warns(UserWarning, match="2 consecutive line searches"):
         trainer = fit(TinyClassifier(), callback, max_epochs=5)
     assert callback.phase == Phase.FALLBACK and callback.fallback_decision.reason is Reason.LINE_SEARCH_FAILURES
@@ -659,35 +718,48 @@ def test_on_a_quadratic_the_default_cg_phase_is_far_ahead_of_adam_and_the_guard_
     assert plain.history[-1]["loss"] < 1e-2 * adam_loss  # 0.0033
 
 
-def test_the_progress_guard_returns_to_the_first_optimizer_when_cg_falls_far_behind():
-    # CG with a first trial step too short to matter and one trial per search: it barely moves, where Adam's curve
-    # over its first three epochs projects a clear decrease.
-    callback = swap_at(3, optimizer={"lr": 1e-12, "max_evals": 1}, fallback=FallbackPolicy(progress_window=3))
+@both_second_phases
+def test_the_progress_guard_returns_to_the_first_optimizer_when_cg_falls_far_behind(second):
+    # The second phase with a first trial step too short to matter and one trial per search: it barely moves, where
+    # Adam's curve over its first three epochs projects a clear decrease.
+    optimizer = {"name": second, "lr": 1e-12, "max_evals": 1}
+    callback = swap_at(3, optimizer=optimizer, fallback=FallbackPolicy(progress_window=3))
     with pytest.warns(UserWarning, match="the first optimizer's curve"):
         trainer = fit(TinyClassifier(), callback, max_epochs=12)
     assert callback.phase == Phase.FALLBACK
     assert callback.fallback_decision.reason is Reason.BEHIND_FIRST_OPTIMIZER
     assert isinstance(trainer.optimizers[0], torch.optim.Adam)
-    # Judged every 3 checks: at the third the first CG iteration's drop (its exact loss at the end of Adam's last
-    # epoch, against that epoch's mean) is still a quarter of the projection, at the sixth no longer. The swap is made
-    # once: after the fallback the first optimizer trains to the end.
-    assert [r["phase"] for r in callback.history] == ["first"] * 3 + ["second"] * 6 + ["fallback"] * 3
+    # Judged every 3 checks, against the first optimizer's curve at the same compute. A CG epoch costs 720 here (one
+    # iteration), so at the third check the first CG iteration's drop (its exact loss at the end of Adam's last epoch,
+    # against that epoch's mean) is still a quarter of the projection, at the sixth no longer. An L-BFGS epoch costs
+    # three gradient passes, 2160 (two iterations of one trial each, the second finding no change), so at its third
+    # check it is already behind. The swap is made once: after the fallback the first optimizer trains to the end.
+    second_checks = 6 if second == "cg" else 3
+    expected = ["first"] * 3 + ["second"] * second_checks + ["fallback"] * (6 - second_checks + 3)
+    assert [r["phase"] for r in callback.history] == expected
 
 
+@both_second_phases
 @pytest.mark.parametrize("same_trainer", [False, True], ids=["new-trainer", "same-trainer"])
-def test_a_second_fit_with_the_same_callback_goes_on_in_the_phase_it_reports(same_trainer):
-    callback = swap_at(1)
+def test_a_second_fit_with_the_same_callback_goes_on_in_the_phase_it_reports(same_trainer, second):
+    callback, steps = swap_at(1, optimizer=second), SecondPhaseSteps()
     model = TinyClassifier()
-    trainer = fit(model, callback, max_epochs=2)
+    trainer = fit(model, callback, steps, max_epochs=2)
     assert callback.phase == Phase.SECOND and len(callback.history) == 2
-    iterations = cg_optimizer(trainer).totals["iterations"]
+    iterations = assert_steps(trainer, steps, second, 1).totals["iterations"]
+    steps.steps.clear()
     if same_trainer:
         trainer.fit_loop.max_epochs = 4
         trainer.fit(model)
     else:
-        trainer = fit(model, callback, max_epochs=2)
-    # Conjugate gradient trains the second fit, its state carried over; phase, checks and compute go on.
-    assert cg_optimizer(trainer).totals["iterations"] == iterations + 2
+        trainer = fit(model, callback, steps, max_epochs=2)
+    # The second phase trains the second fit, its state carried over (the counts go on from the first fit's); phase,
+    # checks and compute go on.
+    optimizer = second_optimizer(trainer, second)
+    assert len(steps.steps) == 2
+    assert optimizer.totals["iterations"] == iterations + sum(step.iterations for step in steps.steps)
+    if second == "cg":
+        assert optimizer.totals["iterations"] == iterations + 2  # one CG iteration per epoch
     assert callback.phase == Phase.SECOND and float(trainer.callback_metrics["twophase/phase"]) == 1.0
     assert [r["phase"] for r in callback.history] == ["first", "second", "second", "second"]
     computes = [r["compute"] for r in callback.history]
@@ -849,14 +921,17 @@ def test_no_swap_that_would_leave_no_complete_second_phase_iteration(callback_kw
 def test_a_swap_with_an_iteration_after_it_still_comes_in_a_short_training():
     # Two epochs: the bound at the first epoch's end leaves one whole CG iteration; checked by steps in one epoch, a
     # rule's swap that leaves whole macro-batches swaps too.
-    callback = swap_at(1)
-    trainer = fit(TinyClassifier(), callback, max_epochs=2)
-    assert callback.swap_epoch == 1 and cg_optimizer(trainer).totals["iterations"] == 1
+    callback, steps = swap_at(1), SecondPhaseSteps()
+    trainer = fit(TinyClassifier(), callback, steps, max_epochs=2)
+    assert callback.swap_epoch == 1
+    assert_steps(trainer, steps, "lbfgs", 1)
     rule = ConvexitySwapCallback(
         detector=AnswersWith(Decision(True, Reason.RULE, "now")), check_every_n_steps=4, batches_per_iteration=4
     )
-    trainer = fit(TinyClassifier(), rule, max_epochs=1)
-    assert rule.swap_step == 4 and cg_optimizer(trainer).totals["iterations"] == 1
+    steps = SecondPhaseSteps()
+    trainer = fit(TinyClassifier(), rule, steps, max_epochs=1)
+    assert rule.swap_step == 4
+    assert_steps(trainer, steps, "lbfgs", 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, FallbackPolicy, Reason
+from lightning_twophase import LBFGS, ConjugateGradient, ConvexitySwapCallback, FallbackPolicy, Reason
 from tests.conftest import TinyClassifier, blobs, fit, swap_at, trainer_kwargs
 
 
@@ -121,9 +121,10 @@ class DriftingLogisticRegression(LogisticRegression):
         (1e-2, "fallback"),  # a real, sustained rise
     ],
 )
-def test_only_a_real_rise_of_the_loss_sends_the_cg_phase_back_to_the_first_optimizer(drift, phase):
+@pytest.mark.parametrize("second", ["lbfgs", "cg"])
+def test_only_a_real_rise_of_the_loss_sends_the_cg_phase_back_to_the_first_optimizer(drift, phase, second):
     # The loss-window rule alone (the progress guard would see the drift first).
-    callback = swap_at(1, fallback=FallbackPolicy(loss_window=5, progress_window=None))
+    callback = swap_at(1, optimizer=second, fallback=FallbackPolicy(loss_window=5, progress_window=None))
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=30, precision="64-true"))
     if phase == "fallback":
         with pytest.warns(UserWarning, match="the training loss rose over 5 CG checks"):
@@ -133,7 +134,7 @@ def test_only_a_real_rise_of_the_loss_sends_the_cg_phase_back_to_the_first_optim
     assert callback.phase == phase
     if phase == "second":
         assert callback.fallback_decision is None
-        assert isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
+        assert isinstance(trainer.optimizers[0].optimizer, LBFGS if second == "lbfgs" else ConjugateGradient)
     else:
         assert callback.fallback_decision.reason is Reason.LOSS_ROSE
         assert isinstance(trainer.optimizers[0], torch.optim.Adam)
@@ -235,7 +236,8 @@ def test_randomness_repeats_at_every_trial_point_of_an_iteration():
 
 @pytest.mark.parametrize(("batches_per_iteration", "iterations_per_epoch"), [(2, 4), (3, 3), (1, 8), (None, 1)])
 def test_macro_batches_of_k_batches(batches_per_iteration, iterations_per_epoch):
-    callback = swap_at(1, batches_per_iteration=batches_per_iteration)
+    # Conjugate gradient: one iteration per step, so its count is the number of macro-batches.
+    callback = swap_at(1, batches_per_iteration=batches_per_iteration, optimizer="cg")
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
     with pytest.warns(UserWarning, match="single mini-batches") if batches_per_iteration == 1 else _nothing():
         trainer.fit(TinyClassifier(samples=240, batch_size=30))  # 8 batches per epoch
@@ -251,7 +253,7 @@ class _nothing:
 
 
 def test_value_only_line_search_runs_no_extra_backward_pass():
-    callback = swap_at(1, optimizer={"line_search": "golden"})
+    callback = swap_at(1, optimizer={"name": "cg", "line_search": "golden"})
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=4))
     trainer.fit(TinyClassifier())
     totals = trainer.optimizers[0].optimizer.totals
@@ -307,7 +309,7 @@ def test_training_set_of_unknown_length_needs_a_macro_batch():
     with pytest.raises(MisconfigurationException, match="known length"):
         trainer.fit(StreamClassifier())
     assert trainer.global_step == 0
-    callback = swap_at(1, batches_per_iteration=4)
+    callback = swap_at(1, batches_per_iteration=4, optimizer="cg")  # one iteration per step
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=2))
     trainer.fit(StreamClassifier())
     assert trainer.optimizers[0].optimizer.totals["iterations"] == 2  # 8 batches in the second epoch, 4 per step
@@ -347,7 +349,7 @@ class StreamClassifier(TinyClassifier):
 def test_an_iterable_steps_on_the_partial_macro_batch_at_the_epochs_real_end(
     samples, batches_per_iteration, iterations_per_epoch
 ):
-    callback = swap_at(1, batches_per_iteration=batches_per_iteration)
+    callback = swap_at(1, batches_per_iteration=batches_per_iteration, optimizer="cg")  # one iteration per step
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3))
     trainer.fit(StreamClassifier(samples))
     assert trainer.optimizers[0].optimizer.totals["iterations"] == 2 * iterations_per_epoch
@@ -624,7 +626,7 @@ def weights(model: nn.Module) -> list[torch.Tensor]:
     ("model", "kwargs"),
     [
         (CarriedGRU, {}),
-        (CheckpointedClassifier, {"optimizer": {"line_search": "strong_wolfe"}}),
+        (CheckpointedClassifier, {}),
         (KeepsNestedState, {}),
         (TinyClassifier, {"optimizer": lbfgs}),
     ],
@@ -653,11 +655,17 @@ def test_a_carried_rnn_state_evaluates_batch_by_batch_with_the_loops_numbers():
         assert record["value_1"] == record["value_2"] == pytest.approx(record["start_loss"], rel=1e-6)
 
 
-def test_reentrant_checkpointing_in_the_cg_phase_gets_the_numbers_of_the_non_reentrant_kind():
+@pytest.mark.parametrize(
+    "optimizer",
+    # L-BFGS (the default) and CG with a search that takes a gradient at every trial point, as L-BFGS's does.
+    ["lbfgs", {"name": "cg", "line_search": "strong_wolfe"}],
+    ids=["lbfgs", "cg-strong-wolfe"],
+)
+def test_reentrant_checkpointing_in_the_cg_phase_gets_the_numbers_of_the_non_reentrant_kind(optimizer):
     results = []
     for reentrant in (True, False):
         model = CheckpointedClassifier(reentrant)
-        callback = swap_at(1, optimizer={"line_search": "strong_wolfe"})
+        callback = swap_at(1, optimizer=optimizer)
         pl.Trainer(callbacks=[callback], **trainer_kwargs(max_epochs=3)).fit(model)
         results.append((weights(model), callback.history))
         assert callback.phase == "second"

@@ -15,14 +15,11 @@ from tests.conftest import PeakingClassifier, blobs, run_on_ranks, swap_at, trai
 from tests.integration.test_cg_phase import SpyConjugateGradient, StartWeights, spy_factory
 
 
-def _fit_rank(rank: int, world_size: int, batches_per_iteration: int | None, line_search: str) -> dict[str, Any]:
+def _fit_rank(rank: int, world_size: int, batches_per_iteration: int | None, optimizer: Any) -> dict[str, Any]:
     model = PeakingClassifier()  # the same initial weights on both ranks; DistributedSampler splits the data
-    # The paper's rule alone; the CG phase preconditioned by Adam's second moments (the default).
+    # The paper's rule alone; the second phase preconditioned by Adam's second moments (the default).
     callback = ConvexitySwapCallback(
-        detector="paper",
-        swap_epoch=None,
-        batches_per_iteration=batches_per_iteration,
-        optimizer={"line_search": line_search},
+        detector="paper", swap_epoch=None, batches_per_iteration=batches_per_iteration, optimizer=optimizer
     )
     trainer = pl.Trainer(
         callbacks=[callback],
@@ -42,10 +39,17 @@ def _fit_rank(rank: int, world_size: int, batches_per_iteration: int | None, lin
 
 
 @pytest.mark.parametrize(
-    ("batches_per_iteration", "line_search"), [(None, "brent"), (2, "strong_wolfe")], ids=["full-brent", "macro2-wolfe"]
+    ("batches_per_iteration", "optimizer"),
+    [
+        (None, "lbfgs"),
+        (2, "lbfgs"),
+        (None, {"name": "cg", "line_search": "brent"}),
+        (2, {"name": "cg", "line_search": "strong_wolfe"}),
+    ],
+    ids=["full-lbfgs", "macro2-lbfgs", "full-brent", "macro2-wolfe"],
 )
-def test_ranks_swap_at_the_same_step_and_keep_identical_weights(batches_per_iteration, line_search):
-    rank0, rank1 = run_on_ranks(_fit_rank, batches_per_iteration, line_search)
+def test_ranks_swap_at_the_same_step_and_keep_identical_weights(batches_per_iteration, optimizer):
+    rank0, rank1 = run_on_ranks(_fit_rank, batches_per_iteration, optimizer)
     assert rank0["batches"] == rank1["batches"] == 4  # 240 samples / 2 ranks / batches of 32
     assert rank0["swap_step"] is not None and rank0["swap_step"] == rank1["swap_step"]
     assert rank0["swap_epoch"] == rank1["swap_epoch"] < 10
@@ -124,11 +128,13 @@ def test_unequal_shards_give_the_global_sample_weighted_objective_on_every_rank(
     assert first_phase == [3 * 220, 2 * 3 * 220]
 
 
-def _fit_plateau_rank(rank: int, world_size: int, policy: FallbackPolicy) -> dict[str, Any]:
+def _fit_plateau_rank(rank: int, world_size: int, policy: FallbackPolicy, second: str) -> dict[str, Any]:
     model = UnequalShards()  # shards of different sizes: each rank counts a different compute
     # A plateau rule this short run reaches (the default's needs a longer one); no swap_epoch bound.
     detector = PlateauDetector(window=2, min_improvement=0.5)
-    callback = ConvexitySwapCallback(detector=detector, swap_epoch=None, fallback=policy, log_figures=False)
+    callback = ConvexitySwapCallback(
+        detector=detector, swap_epoch=None, fallback=policy, log_figures=False, optimizer=second
+    )
     trainer = pl.Trainer(
         callbacks=[callback],
         **trainer_kwargs(max_epochs=9, strategy="ddp", devices=world_size, use_distributed_sampler=False),
@@ -146,10 +152,16 @@ def _fit_plateau_rank(rank: int, world_size: int, policy: FallbackPolicy) -> dic
     }
 
 
-@pytest.mark.parametrize(("margin", "phase"), [(0.25, "second"), (0.99, "fallback")], ids=["cg-ahead", "cg-behind"])
-def test_the_plateau_rule_and_the_progress_guard_decide_together_on_every_rank(margin, phase):
-    # The guard judges at every CG check; 0.99 of the first optimizer's projected progress is more than CG makes here.
-    rank0, rank1 = run_on_ranks(_fit_plateau_rank, FallbackPolicy(progress_window=1, progress_margin=margin))
+@pytest.mark.parametrize(
+    ("second", "margin", "phase"),
+    [("lbfgs", 0.25, "second"), ("cg", 0.25, "second"), ("cg", 0.99, "fallback")],
+    ids=["lbfgs-ahead", "cg-ahead", "cg-behind"],
+)
+def test_the_plateau_rule_and_the_progress_guard_decide_together_on_every_rank(second, margin, phase):
+    # The guard judges at every check of the second phase; 0.99 of the first optimizer's projected progress is more
+    # than CG makes here (L-BFGS's 20 iterations per epoch fit this data exactly: it is never behind).
+    policy = FallbackPolicy(progress_window=1, progress_margin=margin)
+    rank0, rank1 = run_on_ranks(_fit_plateau_rank, policy, second)
     # Decided on reduced numbers, the compute added up over the ranks: the same everywhere.
     assert rank0["history"] == rank1["history"] and rank0["compute"] == rank1["compute"]
     first_phase = [record["compute"] for record in rank0["history"] if record["phase"] == "first"]

@@ -53,7 +53,7 @@ def test_swap_text_figure_and_layout(run):
     assert "twophase/swap/text_summary" in tensors
     (text_event,) = events.Tensors("twophase/swap/text_summary")
     text = text_event.tensor_proto.string_val[0].decode()
-    assert f"epoch {callback.swap_epoch}" in text and "conjugate gradient" in text
+    assert f"epoch {callback.swap_epoch}" in text and "Adam -> LBFGS" in text  # the default second phase, named
     assert "custom_scalars__config__" in tensors
     # The figure is written at the swap and again at the end of training.
     figures = events.Images("twophase/norm_vs_loss")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
 
-from lightning_twophase import ConjugateGradient, ConvexitySwapCallback, Reason
+from lightning_twophase import LBFGS, ConjugateGradient, ConvexitySwapCallback, Reason
 from tests.conftest import PeakingClassifier, swap_at, trainer_kwargs
 from tests.integration.test_cg_phase import LogisticRegressionMLP
 
@@ -18,8 +18,8 @@ MAX_EPOCHS = 10
 
 def run(directory: Path, ckpt_path: str | None = None, **callback_kwargs) -> tuple[PeakingClassifier, pl.Trainer]:
     model = PeakingClassifier()
-    # The paper's rule alone (no swap_epoch bound), with the default CG phase: preconditioned, so that resume after the
-    # swap must also bring the diagonal back with the optimizer state.
+    # The paper's rule alone (no swap_epoch bound), with the default second phase (L-BFGS; `optimizer="cg"`: CG):
+    # preconditioned, so that resume after the swap must also bring the diagonal back with the optimizer state.
     callback = ConvexitySwapCallback(detector="paper", swap_epoch=None, **callback_kwargs)
     checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
@@ -33,18 +33,34 @@ def swap_callback(trainer: pl.Trainer) -> ConvexitySwapCallback:
     return next(cb for cb in trainer.callbacks if isinstance(cb, ConvexitySwapCallback))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("uninterrupted")
-    model, trainer = run(directory)
+SECOND_PHASE_CLASSES = {"lbfgs": LBFGS, "cg": ConjugateGradient}
+
+
+def run_to_the_end(tmp_path_factory, second: str) -> tuple[PeakingClassifier, pl.Trainer, Path]:
+    directory = tmp_path_factory.mktemp(f"uninterrupted-{second}")
+    model, trainer = run(directory, optimizer=second)
     callback = swap_callback(trainer)
     assert 3 < callback.swap_epoch < MAX_EPOCHS - 2, callback.history  # detected, not fixed: a real peak
     return model, trainer, directory
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A run with the default second phase (L-BFGS) and its checkpoints."""
+    return run_to_the_end(tmp_path_factory, "lbfgs")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_cg(tmp_path_factory):
+    """A run with the paper's conjugate gradient as the second phase and its checkpoints."""
+    return run_to_the_end(tmp_path_factory, "cg")
+
+
+@pytest.mark.parametrize("second", ["lbfgs", "cg"])
 @pytest.mark.parametrize("when", ["before the swap", "after the swap"])
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(uninterrupted, tmp_path, when):
-    reference_model, reference_trainer, directory = uninterrupted
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(request, tmp_path, when, second):
+    fixture = "uninterrupted" if second == "lbfgs" else "uninterrupted_cg"
+    reference_model, reference_trainer, directory = request.getfixturevalue(fixture)
     reference = swap_callback(reference_trainer)
     # Checkpoint names count epochs from 0: "epoch=k" was written at the end of epoch k, after k + 1 epochs.
     epochs_done = reference.swap_epoch - 2 if when == "before the swap" else reference.swap_epoch + 1
@@ -53,7 +69,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(uninterrupted, tm
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
     assert state["phase"] == ("first" if when == "before the swap" else "second")
 
-    model, trainer = run(tmp_path, ckpt_path=str(checkpoint))
+    model, trainer = run(tmp_path, ckpt_path=str(checkpoint), optimizer=second)
     resumed = swap_callback(trainer)
     assert (resumed.swap_epoch, resumed.swap_step, resumed.swap_reason) == (
         reference.swap_epoch,
@@ -61,7 +77,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(uninterrupted, tm
         reference.swap_reason,
     )
     assert resumed.swap_decision.reason is reference.swap_decision.reason is Reason.NORM_PEAK
-    assert isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
+    assert isinstance(trainer.optimizers[0].optimizer, SECOND_PHASE_CLASSES[second])
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
     assert resumed.history == reference.history
@@ -72,12 +88,20 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(uninterrupted, tm
         assert torch.equal(restored, original)
 
 
-def test_a_checkpoint_after_the_swap_holds_the_cg_state_and_the_first_phase_for_the_fallback(uninterrupted):
-    _, reference_trainer, directory = uninterrupted
+@pytest.mark.parametrize("second", ["lbfgs", "cg"])
+def test_a_checkpoint_after_the_swap_holds_the_cg_state_and_the_first_phase_for_the_fallback(request, second):
+    _, reference_trainer, directory = request.getfixturevalue(
+        "uninterrupted" if second == "lbfgs" else "uninterrupted_cg"
+    )
     reference = swap_callback(reference_trainer)
     saved = torch.load(directory / f"epoch={reference.swap_epoch}.ckpt", weights_only=False)
     (optimizer_state,) = saved["optimizer_states"]
-    assert "macro_batch" in optimizer_state and optimizer_state["param_groups"][0]["line_search"] == "interpolation"
+    assert "macro_batch" in optimizer_state
+    options = optimizer_state["param_groups"][0]
+    if second == "cg":
+        assert options["line_search"] == "interpolation"  # the CG phase's own options
+    else:
+        assert (options["max_iter"], options["history_size"]) == (20, 20)  # L-BFGS's
     (state,) = (v for k, v in saved["callbacks"].items() if "ConvexitySwapCallback" in k)
     adam_state = state["first_optimizer"]["optimizer"]
     assert "betas" in adam_state["param_groups"][0]  # the Adam the fallback would resume
@@ -140,7 +164,7 @@ def test_a_mid_epoch_checkpoint_carries_the_sums_of_the_checks_first_batches(tmp
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def cg_checkpoint(uninterrupted) -> str:
+def second_phase_checkpoint(uninterrupted) -> str:
     _, reference_trainer, directory = uninterrupted
     return str(directory / f"epoch={swap_callback(reference_trainer).swap_epoch}.ckpt")
 
@@ -154,25 +178,43 @@ def resume(checkpoint: str, callback: pl.Callback | None, directory: Path) -> pl
     return trainer
 
 
-def test_new_cg_options_apply_on_resume_and_are_announced(uninterrupted, tmp_path):
-    callback = ConvexitySwapCallback(optimizer={"beta": "pr+", "line_search": "strong_wolfe", "max_evals": 7})
+def test_new_cg_options_apply_on_resume_and_are_announced(uninterrupted_cg, tmp_path):
+    options = {"name": "cg", "beta": "pr+", "line_search": "strong_wolfe", "max_evals": 7}
+    callback = ConvexitySwapCallback(optimizer=options)
     with pytest.warns(
         UserWarning, match=r"options changed since the checkpoint.*beta.*hager_zhang.*polak_ribiere_plus"
     ):
-        trainer = resume(cg_checkpoint(uninterrupted), callback, tmp_path)
+        trainer = resume(second_phase_checkpoint(uninterrupted_cg), callback, tmp_path)
     options = trainer.optimizers[0].optimizer.param_groups[0]
     assert (options["beta"], options["line_search"], options["max_evals"]) == ("polak_ribiere_plus", "strong_wolfe", 7)
     assert trainer.optimizers[0].optimizer.totals["iterations"] > 0
 
 
-def test_another_second_phase_optimizer_on_resume_starts_afresh_with_a_warning(uninterrupted, tmp_path):
-    def lbfgs(groups):
-        return torch.optim.LBFGS(groups, max_iter=1, line_search_fn="strong_wolfe")
+def torch_lbfgs(groups):
+    return torch.optim.LBFGS(groups, max_iter=1, line_search_fn="strong_wolfe")
 
-    callback = ConvexitySwapCallback(optimizer=lbfgs)
-    with pytest.warns(UserWarning, match=r"ConjugateGradient.*LBFGS.*afresh"):
-        trainer = resume(cg_checkpoint(uninterrupted), callback, tmp_path)
-    assert isinstance(trainer.optimizers[0].optimizer, torch.optim.LBFGS)
+
+@pytest.mark.parametrize(
+    ("written_with", "optimizer", "built", "match"),
+    [
+        ("cg", torch_lbfgs, torch.optim.LBFGS, r"ConjugateGradient.*LBFGS.*afresh"),
+        ("lbfgs", "cg", ConjugateGradient, r"LBFGS.*ConjugateGradient.*afresh"),
+        ("cg", None, LBFGS, r"ConjugateGradient.*LBFGS.*afresh"),  # a 'cg' checkpoint resumed with the new default
+        # The package's LBFGS and torch's share a class name: still another optimizer, with another state.
+        ("lbfgs", torch_lbfgs, torch.optim.LBFGS, r"lightning_twophase.*LBFGS.*torch.optim.*LBFGS.*afresh"),
+    ],
+    ids=["cg-to-torch-lbfgs", "lbfgs-to-cg", "cg-to-default", "lbfgs-to-torch-lbfgs"],
+)
+def test_another_second_phase_optimizer_on_resume_starts_afresh_with_a_warning(
+    request, tmp_path, written_with, optimizer, built, match
+):
+    checkpoint = second_phase_checkpoint(
+        request.getfixturevalue("uninterrupted_cg" if written_with == "cg" else "uninterrupted")
+    )
+    callback = ConvexitySwapCallback(optimizer=optimizer)
+    with pytest.warns(UserWarning, match=match):
+        trainer = resume(checkpoint, callback, tmp_path)
+    assert type(trainer.optimizers[0].optimizer) is built
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
 
 
@@ -180,14 +222,14 @@ def test_detect_only_cannot_resume_a_cg_phase_checkpoint(uninterrupted, tmp_path
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     with pytest.raises(MisconfigurationException, match="detect_only"):
-        resume(cg_checkpoint(uninterrupted), ConvexitySwapCallback(detect_only=True), tmp_path)
+        resume(second_phase_checkpoint(uninterrupted), ConvexitySwapCallback(detect_only=True), tmp_path)
 
 
 def test_resuming_a_cg_phase_checkpoint_without_the_callback_names_it(uninterrupted, tmp_path):
     # A documented limit: without the callback nothing can load the CG state into the first optimizer. Lightning
     # names the missing callback before the optimizer state fails to load.
     with pytest.warns(UserWarning, match="ConvexitySwapCallback"), pytest.raises(KeyError):
-        resume(cg_checkpoint(uninterrupted), None, tmp_path)
+        resume(second_phase_checkpoint(uninterrupted), None, tmp_path)
 
 
 def test_checked_by_steps_a_resume_in_the_cg_phase_keeps_every_check(tmp_path):

@@ -101,6 +101,13 @@ def test_a_converged_cg_phase_far_below_the_first_optimizer_is_kept():
     assert run_cg(policy, [1e-9] * 200) == (None, None)  # no progress after the first check, but far ahead
 
 
+def test_a_second_phase_that_reached_a_loss_of_zero_is_kept():
+    # A perfect fit (L-BFGS on separable data reaches a float loss of 0.0) is all the progress there is, not none.
+    policy = FallbackPolicy(progress_window=1)
+    policy.begin(first_phase(alpha=1.0))
+    assert run_cg(policy, [5e-3, 1e-6, 0.0, 0.0], cost=50.0) == (None, None)
+
+
 def test_the_guard_is_quiet_without_a_usable_first_phase_or_when_turned_off():
     for points in ([], [(1.0, 1.0), (0.5, 2.0)], [(1.0, float(e)) for e in range(1, 50)]):  # too few; flat: alpha 0
         policy = FallbackPolicy()
@@ -115,7 +122,7 @@ def test_the_projection_starts_from_the_first_optimizers_best_loss():
     # The first phase's last epochs rose (a bump near its floor): regaining that ground is no progress.
     points = first_phase(alpha=2.0)
     points[-5:] = [(1e-3, compute) for _, compute in points[-5:]]
-    policy = FallbackPolicy()
+    policy = FallbackPolicy(progress_window=30)  # the guard is off by default
     policy.begin(points)
     assert policy.start_loss == pytest.approx(95.0**-2)
     check, _ = run_cg(policy, [5e-4, 2e-4] + [95.0**-2] * 60)

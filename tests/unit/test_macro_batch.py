@@ -120,7 +120,11 @@ def test_state_dict_carries_the_step_count_and_the_wrapped_state():
     harness = Harness(batches_per_step=2)
     harness.epoch()
     state = harness.adapter.state_dict()
-    assert state["macro_batch"] == {"steps": 2, "optimizer": "ConjugateGradient"}
+    # The qualified class name: classes of the same name (the package's LBFGS, torch's) are told apart on resume.
+    assert state["macro_batch"] == {
+        "steps": 2,
+        "optimizer": "lightning_twophase.optim.conjugate_gradient.ConjugateGradient",
+    }
     other = Harness(batches_per_step=2)
     other.adapter.load_state_dict(state)
     assert other.adapter.steps == 2 and other.adapter.objective.iteration == 2
@@ -158,6 +162,24 @@ def test_a_checkpoint_of_another_optimizer_is_not_loaded_into_this_one():
     other.adapter._warn = warnings.append
     other.adapter.load_state_dict(state)
     assert other.cg.totals["iterations"] == 0 and "LBFGS" in warnings[0] and "afresh" in warnings[0]
+
+
+def test_a_checkpoint_of_a_class_of_the_same_name_is_not_loaded_but_one_of_version_0_3_is():
+    harness = Harness(batches_per_step=2)
+    harness.epoch()
+    state = harness.adapter.state_dict()
+    state["macro_batch"]["optimizer"] = "somewhere.else.ConjugateGradient"
+    other = Harness(batches_per_step=2)
+    warnings: list[str] = []
+    other.adapter._warn = warnings.append
+    other.adapter.load_state_dict(state)
+    assert other.cg.totals["iterations"] == 0 and "somewhere.else.ConjugateGradient" in warnings[0]
+    # Version 0.3 wrote the class name alone: its own class's state still loads.
+    state["macro_batch"]["optimizer"] = "ConjugateGradient"
+    old = Harness(batches_per_step=2)
+    old.adapter._warn = warnings.append
+    old.adapter.load_state_dict(state)
+    assert old.cg.totals == harness.cg.totals and len(warnings) == 1
 
 
 def test_parameters_added_after_the_swap_join_the_macro_batch_gradient():

@@ -21,7 +21,7 @@ def test_figure_marks_peak_and_swap_with_the_loss_decreasing_to_the_right():
     left, right = axes.get_xlim()
     assert left > right  # inverted: training moves right as the loss falls
     labels = axes.get_legend_handles_labels()[1]
-    assert {"swap", "peak of the gradient norm", "conjugate gradient"} <= set(labels)
+    assert {"swap", "peak of the gradient norm", "second phase"} <= set(labels)
     assert render_rgb(figure).shape[2] == 3
 
 
