@@ -300,18 +300,22 @@ def main() -> None:
     a, c = args.adam_epochs, args.cg_epochs
     schedules: list[tuple[str, str, dict[str, Any] | None]] = [
         ("adam", f"Adam {a + c}", None),
-        ("full", f"Adam {a} + full-batch CG {c}", {"optimizer": {"preconditioner": "none"}}),
+        ("full", f"Adam {a} + full-batch CG {c}", {"optimizer": {"name": "cg", "preconditioner": "none"}}),
         ("full-precond", f"Adam {a} + full-batch CG {c}, Adam-preconditioned", {}),
         # The unsound modes run without the fallback, so that the table shows what they do to the Adam result.
         (
             "macro",
             f"Adam {a} + macro-batch CG {c} (K={args.macro_batches} batches)",
-            {"batches_per_iteration": args.macro_batches, "optimizer": {"preconditioner": "none"}, "fallback": False},
+            {
+                "batches_per_iteration": args.macro_batches,
+                "optimizer": {"name": "cg", "preconditioner": "none"},
+                "fallback": False,
+            },
         ),
         (
             "minibatch",
             f"Adam {a} + per-mini-batch CG {c}",
-            {"batches_per_iteration": 1, "optimizer": {"preconditioner": "none"}, "fallback": False},
+            {"batches_per_iteration": 1, "optimizer": {"name": "cg", "preconditioner": "none"}, "fallback": False},
         ),
     ]
     results = []

@@ -100,8 +100,14 @@ GPU_EXTRA = ["mnist10k-vit-nomlp", "mnist10k-vgg5"]
 TWO_PHASE: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {"detector": "paper", "swap_epoch": None},
-    "fixed30": {"detector": None, "swap_epoch": 0.3, "optimizer": {"preconditioner": "none"}, "fallback": "no guard"},
-    "fixed30-pre": {"detector": None, "swap_epoch": 0.3, "fallback": "no guard"},
+    "fixed30": {
+        "detector": None,
+        "swap_epoch": 0.3,
+        "optimizer": {"name": "cg", "preconditioner": "none"},
+        "fallback": "no guard",
+    },
+    "fixed30-pre": {"detector": None, "swap_epoch": 0.3, "optimizer": "cg", "fallback": "no guard"},
+    "lbfgs30": {"detector": None, "swap_epoch": 0.3},  # the default second phase at the practice's swap point
     "default-noguard": {"fallback": "no guard"},  # what the progress guard changes (not in the default suite run)
 }
 SCHEDULES = ["adam", "cosine", *TWO_PHASE]

@@ -46,7 +46,7 @@ DATA_MODULES: dict[str, type[ImageDataModule]] = {
 }
 
 #: The paper's CG phase: plain conjugate gradient to the end (the fallback only for failures, no progress guard).
-PAPERS_CG: dict[str, Any] = {"optimizer": {"preconditioner": "none"}}
+PAPERS_CG: dict[str, Any] = {"optimizer": {"name": "cg", "preconditioner": "none"}}
 
 #: Callback arguments of each schedule.
 SCHEDULES: dict[str, dict[str, Any]] = {
