@@ -23,4 +23,4 @@ __all__ = [
     "SwapDetector",
     "is_trial_evaluation",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
