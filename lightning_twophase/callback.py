@@ -352,7 +352,7 @@ class ConvexitySwapCallback(Callback):
             return
         first_name = type(trainer.optimizers[0]).__name__
         self._cg = CGPhase(trainer, pl_module, self._config, self._record, self._seed)  # may refuse: announce after
-        second_name = type(self._cg.optimizer).__name__
+        second_name = self._config.optimizer_name
         announce_swap(
             trainer, self._record, decision, epoch, swapped=True, first_name=first_name, second_name=second_name
         )

@@ -346,7 +346,8 @@ class TrainingObjective:
             for problem in state.restore():
                 self._report(problem)
         with self.seeded(0):
-            return self.loss_fn(self._chunk, batch_idx), size
+            # Containers rebuilt for each evaluation: training_step may replace an entry of its batch (batch["x"] = ...).
+            return self.loss_fn(apply_to_collection(self._chunk, Tensor, lambda t: t), batch_idx), size
 
     def value_and_gradient(self) -> Tensor:
         """The mean loss, with its gradient written to ``p.grad``: means over every sample of every rank.

@@ -228,6 +228,12 @@ class CGPhaseConfig:
     fall_back: bool
     build_objective: ObjectiveFactory
 
+    @property
+    def optimizer_name(self) -> str:
+        """The second phase's optimizer, as the swap message names it (the class, or the factory's name)."""
+        built = getattr(self.build_optimizer, "func", self.build_optimizer)  # a partial of a class
+        return getattr(built, "__name__", type(built).__name__)
+
     @classmethod
     def from_arguments(
         cls,
@@ -324,7 +330,9 @@ class CGPhase:
         #: ``(epoch, step)`` of a swap decided within an epoch, until the next epoch starts the phase; else ``None``.
         self.pending: tuple[int, int] | None = None
         self._pending_samples = 0
-        if state is None and batches_left_in_epoch(trainer):
+        # A whole-epoch iteration needs a whole epoch: a swap decided within one waits for the next (macro-batches
+        # start at once: the decision comes between batches, where a macro-batch may begin).
+        if state is None and config.batches_per_step is None and batches_left_in_epoch(trainer):
             self.pending = (trainer.current_epoch, trainer.global_step)
             return
         if state is not None and state.get("swap_decided_at") is not None:  # a checkpoint written while the swap waited

@@ -24,7 +24,8 @@ from lightning_twophase import ConvexitySwapCallback
 
 def test_named_callbacks_are_the_defaults_the_fixed_split_and_torch_lbfgs() -> None:
     assert parse_callback("default") == ("default", {})
-    assert parse_callback("cg30") == ("cg30", {"detector": None, "swap_epoch": FIRST_SHARE})
+    assert parse_callback("cg30") == ("cg30", {"detector": None, "swap_epoch": FIRST_SHARE, "optimizer": "cg"})
+    assert parse_callback("lbfgs30") == ("lbfgs30", {"detector": None, "swap_epoch": FIRST_SHARE, "optimizer": "lbfgs"})
     name, kwargs = parse_callback("torch-lbfgs30")
     assert name == "torch-lbfgs30" and kwargs["detector"] is None and kwargs["swap_epoch"] == FIRST_SHARE
     optimizer = kwargs["optimizer"]([{"params": [torch.zeros(2, requires_grad=True)]}])

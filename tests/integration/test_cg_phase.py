@@ -732,7 +732,7 @@ def test_an_optimizer_factory_never_steps_from_a_non_finite_start():
 #: The second phases these tests run: the default, CG with its strong Wolfe search, and a factory's L-BFGS.
 SECOND_PHASES = {
     "default": None,
-    "strong-wolfe": {"line_search": "strong_wolfe"},
+    "strong-wolfe": {"name": "cg", "line_search": "strong_wolfe"},
     "lbfgs": lambda groups: torch.optim.LBFGS(groups, line_search_fn="strong_wolfe"),
 }
 

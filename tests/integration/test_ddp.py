@@ -42,7 +42,7 @@ def _fit_rank(rank: int, world_size: int, batches_per_iteration: int | None, opt
     ("batches_per_iteration", "optimizer"),
     [
         (None, "lbfgs"),
-        (2, "lbfgs"),
+        (2, {"name": "lbfgs", "preconditioner": "second_moments"}),
         (None, {"name": "cg", "line_search": "brent"}),
         (2, {"name": "cg", "line_search": "strong_wolfe"}),
     ],
@@ -58,9 +58,9 @@ def test_ranks_swap_at_the_same_step_and_keep_identical_weights(batches_per_iter
     assert rank0["totals"]["line_search_failures"] == 0
     for a, b in zip(rank0["weights"], rank1["weights"]):
         assert torch.equal(a, b)
-    # Preconditioned by Adam's second moments: rank 0's diagonal on both ranks.
-    assert rank0["preconditioner"] is not None
-    for a, b in zip(rank0["preconditioner"], rank1["preconditioner"]):
+    # Preconditioned by Adam's second moments (CG's default, L-BFGS's on request): rank 0's diagonal on both ranks.
+    assert (rank0["preconditioner"] is None) == (optimizer == "lbfgs")
+    for a, b in zip(rank0["preconditioner"] or [], rank1["preconditioner"] or []):
         assert torch.equal(a, b)
 
 

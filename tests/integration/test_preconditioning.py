@@ -198,7 +198,11 @@ def swap_preconditioner(model: pl.LightningModule, **callback_kwargs: Any) -> tu
     return trainer.optimizers[0].optimizer.preconditioner, first.optimizer
 
 
-@pytest.mark.parametrize("options", [None, {"preconditioner": "second_moments"}], ids=["default", "asked-for"])
+@pytest.mark.parametrize(
+    "options",
+    ["cg", {"preconditioner": "second_moments"}, {"name": "cg", "preconditioner": "second_moments"}],
+    ids=["cg-default", "lbfgs-asked-for", "cg-asked-for"],
+)
 def test_the_callback_preconditions_with_the_first_phases_second_moments(options):
     diagonal, adam = swap_preconditioner(TinyClassifier(), optimizer=options)
     assert isinstance(adam, torch.optim.Adam)
@@ -208,9 +212,14 @@ def test_the_callback_preconditions_with_the_first_phases_second_moments(options
     assert float(torch.cat([d.reshape(-1) for d in diagonal]).std()) > 0.05  # a real, non-uniform scaling
 
 
+def test_plain_lbfgs_is_the_default():
+    diagonal, _ = swap_preconditioner(TinyClassifier())
+    assert diagonal is None
+
+
 def test_a_first_optimizer_without_second_moments_gives_plain_cg_with_a_warning():
     with pytest.warns(UserWarning, match="has no Adam-style second moments"):
-        diagonal, _ = swap_preconditioner(SGDClassifier())  # the default asks for second moments
+        diagonal, _ = swap_preconditioner(SGDClassifier(), optimizer="cg")  # CG's default asks for second moments
     assert diagonal is None
 
 

@@ -82,10 +82,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(request, tmp_path
         torch.testing.assert_close(value, reference_model.state_dict()[name], rtol=0, atol=1e-6, msg=name)
     assert resumed.history == reference.history
     assert trainer.optimizers[0].optimizer.totals == reference_trainer.optimizers[0].optimizer.totals
-    for restored, original in zip(
-        trainer.optimizers[0].optimizer.preconditioner, reference_trainer.optimizers[0].optimizer.preconditioner
-    ):
-        assert torch.equal(restored, original)
+    restored, original = (t.optimizers[0].optimizer.preconditioner for t in (trainer, reference_trainer))
+    assert (restored is None) == (original is None) == (second == "lbfgs")  # L-BFGS is plain by default
+    for restored_diagonal, original_diagonal in zip(restored or [], original or []):
+        assert torch.equal(restored_diagonal, original_diagonal)
 
 
 @pytest.mark.parametrize("second", ["lbfgs", "cg"])
@@ -314,7 +314,8 @@ def run_finetuning(directory: Path, order: str, ckpt_path: str | None = None) ->
     """6 epochs with ``UnfreezeFromEpoch2`` and the swap at epoch 1, the swap listed first or second, or without it
     (``"adam alone"``); checkpoints at every epoch's end; the final weights."""
     model = LogisticRegressionMLP()
-    finetuning, swap = UnfreezeFromEpoch2(), swap_at(1)
+    # The paper's CG: with L-BFGS the resumed weights come within 6e-5 only (a known limit, see the CHANGELOG).
+    finetuning, swap = UnfreezeFromEpoch2(), swap_at(1, optimizer="cg")
     callbacks = {"swap first": [swap, finetuning], "swap second": [finetuning, swap], "adam alone": [finetuning]}[order]
     checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
@@ -367,5 +368,5 @@ def test_a_checkpoint_written_while_a_swap_waits_for_the_epochs_end_resumes_and_
         resumed, trainer = run(tmp_path / "resumed", str(tmp_path / "full" / "step=14.ckpt"))
     # The checkpoint holds the first optimizer's state (it still trained): resumed, the swap comes at the epoch's end.
     assert (resumed.swap_epoch, resumed.swap_step) == (2, 16)
-    assert isinstance(trainer.optimizers[0].optimizer, ConjugateGradient)
-    assert trainer.optimizers[0].optimizer.totals["iterations"] == 2
+    assert isinstance(trainer.optimizers[0].optimizer, LBFGS)
+    assert [record["phase"] for record in resumed.history].count("second") == 2  # one step each in epochs 3 and 4
