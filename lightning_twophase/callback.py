@@ -79,16 +79,16 @@ RENAMED = {
 
 
 class ConvexitySwapCallback(Callback):
-    r"""Two-phase training: the optimizer of ``configure_optimizers`` first, conjugate gradient after the swap.
+    r"""Two-phase training: the optimizer of ``configure_optimizers`` first, a full-batch second phase after the swap.
 
     Add it to the Trainer and keep ``configure_optimizers`` as it is (Adam, say)::
 
         trainer = Trainer(max_epochs=300, callbacks=[ConvexitySwapCallback()])
 
     By default the swap comes once the best epoch loss fell by less than 20 % over the last 20 % of ``max_epochs``
-    (:class:`~lightning_twophase.PlateauDetector`), at 70 % at the latest; then each epoch is one iteration of conjugate
-    gradient on the whole training set in the first optimizer's geometry, and a progress guard falls back if CG falls
-    far behind. The loggers get it all under ``twophase/``. Passed to another ``fit``, the callback goes on.
+    (:class:`~lightning_twophase.PlateauDetector`), at 30 % at the latest (where practitioners switch to L-BFGS); then
+    each epoch is one step of L-BFGS (up to 20 iterations) on the whole training set, and the fallback hands training
+    back to the first optimizer if its line searches keep failing or its loss rises. The loggers get it all under ``twophase/``. Passed to another ``fit``, the callback goes on.
 
     Args:
         detector: the swap rule: ``"plateau"`` (:class:`~lightning_twophase.PlateauDetector`), ``"paper"`` (the
@@ -124,7 +124,7 @@ class ConvexitySwapCallback(Callback):
     def __init__(
         self,
         detector: str | SwapDetector | None = "plateau",
-        swap_epoch: int | float | None = 0.7,
+        swap_epoch: int | float | None = 0.3,
         min_epochs: int = 0,
         check_every_n_steps: int | None = None,
         detect_only: bool = False,
