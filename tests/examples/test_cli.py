@@ -84,8 +84,10 @@ def test_quick_job_trains_swaps_reports_and_compares_with_adam_alone(tmp_path, c
     swap = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ConvexitySwapCallback))
     equal_compute = math.ceil(swap.compute / (3 * len(cli.datamodule.train_data[1])) - 1e-9)
     assert two_phase_passes > 6 and equal_compute > 6
-    assert rows["epochs"] == ["6", "6", str(equal_compute)]
-    assert rows["gradient passes"][1:] == ["6", str(equal_compute)]  # Adam: one gradient pass per epoch
+    # Beside Adam, the practice: Adam for 30 % of the epochs (2 of 6), then torch's L-BFGS to the same epochs.
+    assert rows["epochs"] == ["6", "6", str(equal_compute), "6"]
+    assert rows["gradient passes"][1:3] == ["6", str(equal_compute)]  # Adam: one gradient pass per epoch
+    assert float(rows["gradient passes"][3]) > 2  # Adam's 2, then the plain loop's closure calls
     # The two-phase column is the trained model, measured on the whole training set.
     train_loss, val_accuracy = measure(cli.model, cli.datamodule)
     assert rows["training loss"][0] == f"{train_loss:.3e}"
@@ -94,7 +96,9 @@ def test_quick_job_trains_swaps_reports_and_compares_with_adam_alone(tmp_path, c
     ratios = re.search(r"(\d+\.\d+)x at equal epochs, (\d+\.\d+)x at equal compute", text)
     assert ratios is not None
     assert float(ratios[1]) == pytest.approx(losses[1] / losses[0], abs=0.01)
-    assert float(ratios[2]) == pytest.approx(min(losses[1:]) / losses[0], abs=0.01)
+    assert float(ratios[2]) == pytest.approx(min(losses[1:3]) / losses[0], abs=0.01)
+    practice = re.search(r"Adam 30 % -> L-BFGS's over the two-phase run's: (\d+\.\d+)x at equal epochs", text)
+    assert practice is not None and float(practice[1]) == pytest.approx(losses[3] / losses[0], abs=0.01)
     # Adam alone started from the same weights and batch order: its first three epochs are the run's first phase.
     runs = tmp_path / "runs"
     (two_phase_csv,) = (runs / "quick").glob("version_*/twophase_history.csv")

@@ -158,7 +158,8 @@ def test_the_default_swaps_at_the_epoch_bound_while_the_loss_still_falls():
 def test_a_plateau_swaps_before_the_bound():
     # A rule that asks for a 90 % fall of the best loss over 2 epochs: every full window is a plateau by it, and the
     # first that counts is the one after the loss fell to half its first value (0.90 -> 0.39 by epoch 4).
-    callback, steps = ConvexitySwapCallback(detector=PlateauDetector(window=2, min_improvement=0.9)), SecondPhaseSteps()
+    rule = PlateauDetector(window=2, min_improvement=0.9)
+    callback, steps = ConvexitySwapCallback(detector=rule, swap_epoch=0.7), SecondPhaseSteps()
     trainer = fit(TinyClassifier(), callback, steps, max_epochs=10)
     assert callback.swap_epoch == 4 and callback.swap_decision.reason is Reason.PLATEAU
     assert "over the last 2 epochs" in callback.swap_reason
@@ -634,7 +635,14 @@ def test_settings_that_would_fail_or_never_act_are_refused_before_training(
         # The paper's rule with patience no curve meets: the bound decides.
         ({"detector": GradientNormPeakDetector(patience=100), "swap_epoch": 2}, Reason.SWAP_EPOCH),
         # A rule that fires at the first check it may: held back by min_epochs, then it decides.
-        ({"detector": GradientNormPeakDetector(factor=0.999, require_rise=False), "min_epochs": 2}, Reason.NORM_PEAK),
+        (
+            {
+                "detector": GradientNormPeakDetector(factor=0.999, require_rise=False),
+                "min_epochs": 2,
+                "swap_epoch": 0.7,
+            },
+            Reason.NORM_PEAK,
+        ),
     ],
     ids=["swap-epoch", "bound-with-a-rule", "min-epochs"],
 )
