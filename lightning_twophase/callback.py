@@ -88,7 +88,8 @@ class ConvexitySwapCallback(Callback):
     By default the swap comes once the best epoch loss fell by less than 20 % over the last 20 % of ``max_epochs``
     (:class:`~lightning_twophase.PlateauDetector`), at 30 % at the latest (where practitioners switch to L-BFGS); then
     each epoch is one step of L-BFGS (up to 20 iterations) on the whole training set, and the fallback hands training
-    back to the first optimizer if its line searches keep failing or its loss rises. The loggers get it all under ``twophase/``. Passed to another ``fit``, the callback goes on.
+    back to the first optimizer if its line searches keep failing or its loss rises. The loggers get it all under
+    ``twophase/``. Passed to another ``fit``, the callback goes on.
 
     Args:
         detector: the swap rule: ``"plateau"`` (:class:`~lightning_twophase.PlateauDetector`), ``"paper"`` (the

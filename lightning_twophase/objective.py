@@ -346,7 +346,7 @@ class TrainingObjective:
             for problem in state.restore():
                 self._report(problem)
         with self.seeded(0):
-            # Containers rebuilt for each evaluation: training_step may replace an entry of its batch (batch["x"] = ...).
+            # Containers rebuilt for each evaluation: training_step may replace an entry (batch["x"] = ...).
             return self.loss_fn(apply_to_collection(self._chunk, Tensor, lambda t: t), batch_idx), size
 
     def value_and_gradient(self) -> Tensor:
