@@ -232,7 +232,9 @@ class CGPhaseConfig:
     def optimizer_name(self) -> str:
         """The second phase's optimizer, as the swap message names it (the class, or the factory's name)."""
         built = getattr(self.build_optimizer, "func", self.build_optimizer)  # a partial of a class
-        return getattr(built, "__name__", type(built).__name__)
+        if isinstance(built, type):
+            return built.__name__
+        return f"the optimizer of {getattr(built, '__qualname__', type(built).__name__)}"
 
     @classmethod
     def from_arguments(

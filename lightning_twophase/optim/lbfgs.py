@@ -52,9 +52,9 @@ class LBFGS(Optimizer):
     ``step(closure)`` follows the contract of :class:`torch.optim.LBFGS`: the closure clears the gradients,
     re-evaluates the loss at the current parameters, calls ``backward()`` and returns the loss. It promises what
     :class:`~lightning_twophase.ConjugateGradient` does: every step leaves the parameters finite and no worse than it
-    found them (a trial whose loss or gradient is not finite counts as failed and the step shrinks; a search that
-    finds no decrease puts the parameters back and drops the history, so the next iteration is steepest descent in
-    the geometry of ``D``); a non-finite loss or gradient where a step begins raises
+    found them, up to ``value_tolerance`` (a trial whose loss or gradient is not finite counts as failed and the step
+    shrinks; a search that finds no decrease puts the parameters back and drops the history, so the next iteration is
+    steepest descent in the geometry of ``D``); a non-finite loss or gradient where a step begins raises
     :class:`~lightning_twophase.NonFiniteObjectiveError` with the parameters untouched; a closure that raises leaves
     the parameters where the iteration began. Under ``torch.distributed`` the loss values it decides on are averaged
     across ranks (and with ``sharded=True`` its dot products summed), so every rank takes the same branches.
