@@ -652,13 +652,13 @@ def _search(
     return ls.brent(phi, value0, slope, initial_step, tolerance=options["line_search_tolerance"], max_evals=max_evals)
 
 
-def _check_finite_start(value0: float, gz: float) -> None:
+def _check_finite_start(value0: float, gz: float, owner: str = "ConjugateGradient") -> None:
     if not (math.isfinite(value0) and math.isfinite(gz)):
         what = "loss" if not math.isfinite(value0) else "gradient"
         raise NonFiniteObjectiveError(
-            f"ConjugateGradient: the {what} is not finite where the step starts (loss {value0}, squared "
+            f"{owner}: the {what} is not finite where the step starts (loss {value0}, squared "
             f"gradient norm {gz}); the parameters were left unchanged. Check the data and the model for "
-            "overflow, or start the CG phase from a point where the loss is finite."
+            "overflow, or start the second phase from a point where the loss is finite."
         )
 
 

@@ -278,7 +278,7 @@ class LBFGS(Optimizer):
         start = [torch.empty_like(p) for p in params]
         for iteration in range(options["max_iter"]):
             gz = self._dot(grad, grad if diagonal is None else diagonal * grad)
-            _check_finite_start(value0, gz)
+            _check_finite_start(value0, gz, _OWNER)
             grad_norm = math.sqrt(gz)
             if iteration == 0:
                 start_grad_norm = grad_norm
