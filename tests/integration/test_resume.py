@@ -349,6 +349,11 @@ def test_a_checkpoint_written_after_a_layer_was_unfrozen_in_the_cg_phase_resumes
     assert largest_difference(uninterrupted, adam) > 1e-3  # the CG phase did train: the runs differ from Adam's
 
 
+@pytest.mark.skipif(
+    tuple(int(part) for part in pl.__version__.split(".")[:2]) < (2, 5),
+    reason="lightning 2.4 starts the resumed epoch's hooks anew from a mid-epoch checkpoint: the waiting swap starts "
+    "there, on the epoch's remaining batches (a known limit at the dependency floor)",
+)
 def test_a_checkpoint_written_while_a_swap_waits_for_the_epochs_end_resumes_and_swaps_there(tmp_path):
     from tests.integration.test_callback import SwapFromStep
 
